@@ -1,0 +1,7 @@
+.PHONY: setup demo test
+setup:
+	bash scripts/setup.sh
+demo: setup
+	.venv/bin/aiba demo
+test: setup
+	.venv/bin/python -m pytest -q
