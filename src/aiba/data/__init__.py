@@ -1,0 +1,1 @@
+"""Datasets: Slakh2100 trees and the offline mini-Slakh renderer."""
