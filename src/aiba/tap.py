@@ -1,0 +1,435 @@
+"""AttnTap: what to capture, the per-call records, and the streaming T x F maps.
+
+A tap is handed each attention call by the kernel shims (:mod:`aiba.patch`) while a
+``combined_patch(tap)`` block is active. For every call it keeps a small record; for the
+calls it selects it recomputes the exact probabilities (:mod:`aiba.probs`), pools text
+tokens, places queries on the latent lattice and resizes to the grid (:mod:`aiba.mapping`),
+then folds the grid into per-layer running sums on the call's device (Eq. 8). Memory does
+not grow with the number of steps.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import mapping
+from .errors import AibaError, AibaWarning
+from .probs import AttnInputs, head_mean_chunks
+
+__all__ = ["AttnTap", "CallRecord", "TapMaps", "KINDS", "KERNELS"]
+
+KINDS = ("cross", "self")
+KERNELS = ("sdpa", "mha", "xformers", "flash_attn")
+KEEP = ("calls", "probs")
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """One captured attention call."""
+
+    name: str  # dotted module path (with model=), else "<kernel>.<i>", i = call order in the step
+    kernel: str  # "sdpa" | "mha" | "xformers" | "flash_attn"
+    kind: str  # "cross" | "self"
+    step: int  # the tap's denoising-step counter when the call ran
+    q_len: int
+    k_len: int
+    heads: int  # query heads
+    batch: int  # batch of the call (before CFG selection)
+    index: int  # order of the call since the last reset
+    kind_source: str = "heuristic"  # "module" (decided by module context) or "heuristic" (cross_ratio)
+    lattice: tuple[int, int] | None = None  # (T', F') the queries were placed on; None if not mapped
+    captured: bool = True  # False: recorded but not recomputed (filtered by layers/steps)
+    probs: torch.Tensor | None = None  # keep="probs": (B_kept, q_len, k_len) float32, CPU
+    grid: torch.Tensor | None = None  # keep="calls": (B_kept, target_T, target_F) float32, CPU
+
+
+@dataclass(frozen=True)
+class TapMaps:
+    """Aggregated maps on the CPU.
+
+    ``overall``: (B, target_T, target_F), or (B, Lk, target_T, target_F) for ``pool=None``.
+    ``layers``: module path -> the same shape. ``freq_resolved`` is False for a time-only
+    lattice, whose maps have target_F == 1 (a time profile, never broadcast over frequency).
+    """
+
+    overall: torch.Tensor
+    layers: dict[str, torch.Tensor]
+    freq_resolved: bool
+    steps: int  # distinct denoising steps folded in
+    calls: int  # captured calls folded in
+
+
+@dataclass
+class _LayerAcc:
+    total: torch.Tensor  # running weighted sum (mean) or running max, on the call's device
+    weight: float  # running sum of step weights, referenced to step `last`
+    last: int  # step the sums are referenced to (late weighting decays them forward)
+    steps: set = field(default_factory=set)
+    calls: int = 0
+
+
+def _as_patterns(x) -> tuple[str, ...] | None:
+    if x is None:
+        return None
+    return (x,) if isinstance(x, str) else tuple(x)
+
+
+class AttnTap:
+    """Collects attention probabilities and their T x F maps.
+
+    Args:
+        target_T, target_F: the grid every map is resized to (time frames x mel bins).
+        pool: text-token pooling per query: "mean" (over content tokens), "max", "softmax"
+            (relevance-weighted, temperature ``tau``), "subset" (mean over ``tokens``), or
+            None to keep per-token maps.
+        cross_ratio: the fallback that tags a call when no module context says what it is:
+            a call is "cross" when ``min(q_len, k_len) <= cross_ratio * max(q_len, k_len)``,
+            i.e. the shorter sequence is at most ``cross_ratio`` times the longer one; else
+            "self". 0 never tags a call "cross" this way, 1 tags every such call "cross".
+            Module context wins where it exists (a diffusers
+            ``Attention`` given ``encoder_hidden_states``, a stable-audio-tools ``Attention``
+            given ``context``, any module whose forward takes one of those arguments, an
+            ``nn.MultiheadAttention`` whose key is not its query).
+        kinds: which kinds are recomputed and mapped ("cross", "self"); other calls get a
+            record only (nothing computed).
+        layers: fnmatch patterns on the layer name; calls elsewhere get a record only.
+        steps: (start, stop) range of steps to capture, stop exclusive; None = all.
+        kernels: which kernel shims feed this tap.
+        keep: None, "calls" (each call's grid map on its record), "probs" (each call's exact
+            head-averaged probabilities (B, q_len, k_len) on its record), or both.
+        budget_bytes: cap on the fp32 temporaries of one recompute chunk.
+        latent_shape: (T, F) of the denoiser latent (time, frequency), or (T,) for a
+            time-only latent; None = record only, no maps.
+        prefix_tokens: tokens prepended to the query sequence (stripped before mapping).
+        lattices: extra (T', F') candidates tried before the strided ones.
+        content: the prompt's content tokens (indices, a bool mask (Lk,) or (B, Lk), or a
+            mapping k_len -> either) for mean/max/softmax pooling; default all keys.
+        tokens: the token subset for pool="subset" (same forms).
+        relevance, tau: scores r_j (Lk,) or (B, Lk) (or mapping k_len -> scores) and the
+            temperature for pool="softmax".
+        aggregate: "mean" (weighted mean over layers and steps, Eq. 8) or "max" (cellwise
+            max over the calls; weights only select).
+        weights: "uniform", "late" (w_t = gamma^(N-1-t)), or a mapping layer -> non-negative
+            weight (layer-learned, see :func:`aiba.mapping.fit_layer_weights`).
+        gamma: decay of "late".
+        batch: with a CFG-doubled batch, which half to keep: "cond", "uncond" or "all".
+        cfg: the backend's fact about the batch: None (not CFG-doubled: every item is kept),
+            "uncond_first" or "cond_first".
+        padding: out-of-bounds handling of the bilinear resize ("border", "zeros",
+            "reflection"); "border" equals F.interpolate(align_corners=False).
+    """
+
+    _CACHE_FIELDS = frozenset({"content", "tokens", "relevance", "tau", "pool", "cfg", "batch"})
+
+    def __init__(
+        self,
+        target_T: int = 128,
+        target_F: int = 64,
+        pool: str | None = "mean",
+        cross_ratio: float = 0.5,
+        *,
+        kinds: Iterable[str] = ("cross",),
+        layers: str | Sequence[str] | None = None,
+        steps: tuple[int, int] | None = None,
+        kernels: Iterable[str] = KERNELS,
+        keep: str | Sequence[str] | None = None,
+        budget_bytes: int = 64 << 20,
+        latent_shape: Sequence[int] | None = None,
+        prefix_tokens: int = 0,
+        lattices: Sequence[tuple[int, int]] = (),
+        content=None,
+        tokens=None,
+        relevance=None,
+        tau: float = 1.0,
+        aggregate: str = "mean",
+        weights: str | Mapping[str, float] = "uniform",
+        gamma: float = 0.9,
+        batch: str = "cond",
+        cfg: str | None = None,
+        padding: str = "border",
+    ) -> None:
+        self._wcache: dict = {}
+        if int(target_T) < 1 or int(target_F) < 1:
+            raise AibaError(f"target_T and target_F must be >= 1, got {target_T} x {target_F}")
+        self.target_T, self.target_F = int(target_T), int(target_F)
+        if pool not in mapping.POOLS:
+            raise AibaError(f"pool must be one of {mapping.POOLS}, got {pool!r}")
+        self.pool = pool
+        if not 0.0 <= float(cross_ratio) <= 1.0:
+            raise AibaError(f"cross_ratio must be in [0, 1], got {cross_ratio}")
+        self.cross_ratio = float(cross_ratio)
+        self.kinds = frozenset(kinds)
+        if not self.kinds <= set(KINDS):
+            raise AibaError(f"kinds must be a subset of {KINDS}, got {sorted(self.kinds)}")
+        self.layers = _as_patterns(layers)
+        self.steps = None if steps is None else (int(steps[0]), int(steps[1]))
+        self.kernels = frozenset(kernels)
+        if not self.kernels <= set(KERNELS):
+            raise AibaError(f"kernels must be a subset of {KERNELS}, got {sorted(self.kernels)}")
+        keep_t = () if keep is None else _as_patterns(keep)
+        if not set(keep_t) <= set(KEEP):
+            raise AibaError(f"keep must be None or among {KEEP}, got {keep!r}")
+        self.keep = frozenset(keep_t)
+        if int(budget_bytes) < 1:
+            raise AibaError(f"budget_bytes must be positive, got {budget_bytes}")
+        self.budget_bytes = int(budget_bytes)
+        self.latent_shape = latent_shape
+        self.prefix_tokens = int(prefix_tokens)
+        self.lattices = tuple(tuple(int(v) for v in lat) for lat in lattices)
+        self.content, self.tokens, self.relevance, self.tau = content, tokens, relevance, float(tau)
+        if aggregate not in ("mean", "max"):
+            raise AibaError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
+        self.aggregate = aggregate
+        if isinstance(weights, str) and weights not in ("uniform", "late"):
+            raise AibaError(f"weights must be 'uniform', 'late' or a mapping layer -> weight, got {weights!r}")
+        self.weights = weights
+        if not 0.0 < float(gamma) <= 1.0:
+            raise AibaError(f"gamma must be in (0, 1], got {gamma}")
+        self.gamma = float(gamma)
+        if batch not in ("cond", "uncond", "all"):
+            raise AibaError(f"batch must be 'cond', 'uncond' or 'all', got {batch!r}")
+        self.batch = batch
+        if cfg not in (None, "uncond_first", "cond_first"):
+            raise AibaError(f"cfg must be None, 'uncond_first' or 'cond_first', got {cfg!r}")
+        self.cfg = cfg
+        if padding not in mapping.PADDINGS:
+            raise AibaError(f"padding must be one of {mapping.PADDINGS}, got {padding!r}")
+        self.padding = padding
+        self.model_paths: dict[int, str] = {}
+        self.reset()
+
+    # settings that change pooling weights invalidate the cache
+    def __setattr__(self, key, value):
+        if key == "latent_shape" and value is not None:
+            value = tuple(int(v) for v in value)
+            if len(value) not in (1, 2) or min(value) < 1:
+                raise AibaError(f"latent_shape must be (T, F) or (T,) with positive sizes, got {value}")
+        object.__setattr__(self, key, value)
+        if key in AttnTap._CACHE_FIELDS and "_wcache" in self.__dict__:
+            self._wcache.clear()
+
+    def configure(self, **settings) -> "AttnTap":
+        """Set several settings at once (backends call this); returns the tap."""
+        for key, value in settings.items():
+            if key.startswith("_") or key not in self.__dict__:
+                raise AibaError(f"unknown tap setting {key!r}")
+            setattr(self, key, value)
+        return self
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget every record, map and the step counter."""
+        self.store: list[CallRecord] = []
+        self.step = 0
+        self._acc: dict[str, _LayerAcc] = {}
+        self._order: dict[str, int] = {}
+        self._warned: set = set()
+
+    def next_step(self) -> int:
+        """Advance the denoising-step counter (backends call this once per step)."""
+        self.step += 1
+        self._order.clear()
+        return self.step
+
+    @property
+    def freq_resolved(self) -> bool:
+        return self.latent_shape is not None and len(self.latent_shape) == 2
+
+    def state_bytes(self) -> int:
+        """Bytes of the streaming state held on the device (per-layer running sums)."""
+        return sum(a.total.numel() * a.total.element_size() for a in self._acc.values())
+
+    # ------------------------------------------------------------- selection
+    def _auto_name(self, kernel: str) -> str:
+        i = self._order.get(kernel, 0)
+        self._order[kernel] = i + 1
+        return f"{kernel}.{i}"
+
+    def heuristic_kind(self, q_len: int, k_len: int) -> str:
+        """The ``cross_ratio`` rule (see the class docstring)."""
+        return "cross" if min(q_len, k_len) <= self.cross_ratio * max(q_len, k_len) else "self"
+
+    def _selected(self, name: str, kind: str) -> bool:
+        if kind not in self.kinds:
+            return False
+        if self.steps is not None and not self.steps[0] <= self.step < self.steps[1]:
+            return False
+        if self.layers is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.layers):
+            return False
+        return True
+
+    def _batch_index(self, b: int, name: str, device) -> torch.Tensor | None:
+        if self.cfg is None or self.batch == "all":
+            return None
+        key = ("batch", b, device)
+        idx = self._wcache.get(key)
+        if idx is None:
+            if b % 2:
+                raise AibaError(
+                    f"layer {name!r}: batch {b} is odd but the tap was told the batch is CFG-doubled (cfg={self.cfg!r}); "
+                    "set cfg=None or batch='all'"
+                )
+            half = b // 2
+            first = (self.cfg == "cond_first") == (self.batch == "cond")
+            idx = torch.arange(0, half, device=device) if first else torch.arange(half, b, device=device)
+            self._wcache[key] = idx
+        return idx
+
+    def _pool_weights(self, k_len: int, b: int, device, name: str):
+        key = ("pool", k_len, b, device)
+        hit = self._wcache.get(key)
+        if hit is None:
+            if self.pool in ("mean", "softmax") and mapping._resolve(self.content, k_len) is None and k_len not in self._warned:
+                if self.pool == "mean":
+                    self._warned.add(k_len)
+                    warnings.warn(
+                        f"layer {name!r}: pool='mean' over all {k_len} keys is the constant 1/{k_len} (each row of P sums to 1); "
+                        "pass content= (the prompt's content tokens), tokens= with pool='subset', or pool='max'",
+                        AibaWarning,
+                        stacklevel=4,
+                    )
+            hit = mapping.token_weights(self.pool, k_len, b, device, content=self.content, tokens=self.tokens,
+                                        relevance=self.relevance, tau=self.tau, name=name)
+            self._wcache[key] = hit
+        return hit
+
+    # --------------------------------------------------------------- capture
+    def _on_call(self, kernel: str, name: str | None, kind: str, kind_source: str, x: AttnInputs) -> CallRecord | None:
+        """Called by the shims for every attention call (after the kernel ran)."""
+        if kernel not in self.kernels:
+            return None
+        b, h, lq, lk = x.shape
+        name = name if name is not None else self._auto_name(kernel)
+        rec = CallRecord(name, kernel, kind, self.step, lq, lk, h, b, len(self.store), kind_source)
+        self.store.append(rec)
+        if not self._selected(name, kind):
+            rec.captured = False
+            return rec
+        device = x.q.device
+        x = x.select_batch(self._batch_index(b, name, device))
+        bk = x.shape[0]
+        keep_probs = "probs" in self.keep
+        mapped = self.latent_shape is not None
+        probs = torch.empty(bk, lq, lk, dtype=torch.float32, device=device) if keep_probs else None
+        cross = kind == "cross"
+        if mapped and cross:
+            weights, mask = self._pool_weights(lk, bk, device, name)
+            pooled = torch.empty((bk, lq) if self.pool is not None else (bk, lq, lk), dtype=torch.float32, device=device)
+        elif mapped:
+            received = torch.zeros(bk, lk, dtype=torch.float32, device=device)
+        for start, stop, a in head_mean_chunks(x, self.budget_bytes):  # a: (B, c, Lk)
+            if keep_probs:
+                probs[:, start:stop] = a
+            if mapped and cross:
+                pooled[:, start:stop] = mapping.pool_queries(a, self.pool, weights, mask)
+            elif mapped:
+                received += a.sum(dim=1)  # attention each key position receives
+        if keep_probs:
+            rec.probs = probs.cpu()
+        if mapped:
+            p = self.prefix_tokens
+            if cross:
+                values = pooled[:, p:] if self.pool is not None else pooled[:, p:].transpose(1, 2)  # (B, N) | (B, Lk, N)
+            else:
+                values = received[:, p:] / lq  # (B, N): mean attention received, keys = lattice cells
+            n = values.shape[-1]
+            rec.lattice = mapping.find_lattice(n, self.latent_shape, name=name, extra=self.lattices)
+            size = (self.target_T, self.target_F if self.freq_resolved else 1)
+            grid = mapping.resize(mapping.to_lattice(values, rec.lattice), size, self.padding)  # (B, [Lk,] T, F)
+            if "calls" in self.keep:
+                rec.grid = grid.cpu()
+            self._fold(name, grid, rec.step)
+        return rec
+
+    def _fold(self, name: str, grid: torch.Tensor, step: int) -> None:
+        acc = self._acc.get(name)
+        if acc is None:
+            acc = self._acc[name] = _LayerAcc(torch.zeros_like(grid) if self.aggregate == "mean" else grid.clone(), 0.0, step)
+            if self.aggregate == "max":
+                acc.steps.add(step)
+                acc.calls += 1
+                return
+        if acc.total.shape != grid.shape:
+            raise AibaError(
+                f"layer {name!r}: map of shape {tuple(grid.shape)} does not match the {tuple(acc.total.shape)} accumulated "
+                "so far (batch or prompt length changed?); call tap.reset() between runs"
+            )
+        acc.steps.add(step)
+        acc.calls += 1
+        if self.aggregate == "max":
+            torch.maximum(acc.total, grid, out=acc.total)
+            return
+        w = 1.0
+        if self.weights == "late":
+            if step > acc.last:  # re-reference the sums to the newer step
+                d = self.gamma ** (step - acc.last)
+                acc.total.mul_(d)
+                acc.weight *= d
+                acc.last = step
+            else:
+                w = self.gamma ** (acc.last - step)
+        acc.total.add_(grid, alpha=w)
+        acc.weight += w
+
+    # ------------------------------------------------------------------ maps
+    def maps(self, layers: str | Sequence[str] | Callable[[str], bool] | None = None,
+             layer_weights: Mapping[str, float] | None = None) -> TapMaps:
+        """Aggregate the captured calls (Eq. 8) into CPU maps.
+
+        ``layers`` restricts which layers enter (fnmatch patterns or a predicate), e.g. one
+        text stream. ``layer_weights`` overrides the tap's weights with layer-learned ones.
+        """
+        if self.latent_shape is None:
+            raise AibaError("the tap has no latent_shape, so no maps were made; set latent_shape=(T, F) or (T,)")
+        if callable(layers):
+            keep = layers
+        else:
+            pats = _as_patterns(layers)
+            keep = (lambda n: True) if pats is None else (lambda n: any(fnmatch.fnmatchcase(n, p) for p in pats))
+        accs = {n: a for n, a in self._acc.items() if keep(n)}
+        if not accs:
+            seen = sorted({r.name for r in self.store})
+            raise AibaError(f"no captured calls to map (layers={layers!r}); calls seen: {seen[:8]}{'...' if len(seen) > 8 else ''}")
+        lw = layer_weights if layer_weights is not None else (self.weights if isinstance(self.weights, Mapping) else None)
+        if lw is not None:
+            unknown = [n for n in accs if n not in lw]
+            if unknown:
+                raise AibaError(f"layer_weights lack layers {unknown[:4]}; got weights for {list(lw)[:4]}")
+            if any(float(lw[n]) < 0 for n in accs):
+                raise AibaError("layer weights must be non-negative")
+        shapes = {tuple(a.total.shape) for a in accs.values()}
+        if len(shapes) > 1:
+            raise AibaError(f"layers have maps of different shapes {sorted(shapes)}; pick one stream with layers=")
+        final = max(a.last for a in accs.values())
+        layer_maps, num, den = {}, None, 0.0
+        for n, a in accs.items():
+            v = 1.0 if lw is None else float(lw[n])
+            if self.aggregate == "max":
+                layer_maps[n] = a.total
+                if v > 0:
+                    num = a.total.clone() if num is None else torch.maximum(num, a.total)
+                continue
+            d = self.gamma ** (final - a.last) if self.weights == "late" else 1.0
+            layer_maps[n] = a.total / a.weight
+            num = a.total * (v * d) if num is None else num.add(a.total, alpha=v * d)
+            den += v * d * a.weight
+        if num is None or (self.aggregate == "mean" and den <= 0):
+            raise AibaError("all selected layers have zero weight")
+        overall = num if self.aggregate == "max" else num / den
+        return TapMaps(
+            overall=overall.float().cpu(),
+            layers={n: m.float().cpu() for n, m in layer_maps.items()},
+            freq_resolved=self.freq_resolved,
+            steps=len(set().union(*(a.steps for a in accs.values()))),
+            calls=sum(a.calls for a in accs.values()),
+        )
+
+    def __repr__(self) -> str:
+        return (f"AttnTap(target={self.target_T}x{self.target_F}, pool={self.pool!r}, kinds={sorted(self.kinds)}, "
+                f"latent_shape={self.latent_shape}, calls={len(self.store)}, step={self.step})")
