@@ -15,6 +15,7 @@ from .errors import AibaError
 # sub-command modules, in the order `aiba --help` lists them
 COMMANDS = [
     "aiba.demo",
+    "aiba.data.render",
 ]
 
 
