@@ -38,6 +38,17 @@ diffusers ``StableAudioPipeline`` / ``StableAudioDiTModel``:
   expanded to the query heads before ``F.scaled_dot_product_attention``.
 - CFG: batch = ``cat([uncond, cond])``: the FIRST half is UNCONDITIONAL (all-zero
   context without a negative prompt), the opposite of stable-audio-tools.
+
+Measured on the tiny builders here (T = 21 latent frames, CFG batch 2, 3 steps):
+- ``build_tiny_dit`` (4 heads x 32, depth 2, context 12 T5 + 2 = 14 tokens of 64, kv heads
+  2 -> 4): per forward 2 self calls q=k ``(2, 4, 22, 32)`` and 2 cross calls q
+  ``(2, 4, 22, 32)`` k ``(2, 4, 14, 32)``, paths ``transformer.layers.{i}.self_attn`` /
+  ``.cross_attn``, all via SDPA, no mask; context half 1 (uncond) is all zeros.
+  ``DiTSampler`` 3 steps: ~0.03 s on CPU (build ~4 s, mostly imports).
+- ``build_tiny_pipeline`` (4 heads x 8, kv 2, 2 layers, context 12 + 2 = 14 tokens of 16):
+  per forward ``transformer_blocks.{i}.attn1`` q=k ``(2, 4, 22, 8)`` and ``.attn2`` q
+  ``(2, 4, 22, 8)`` k ``(2, 4, 14, 8)``; the T5 text encoder also calls SDPA (filter by
+  path); context half 0 (uncond) is all zeros. 3 steps: ~0.03 s, audio (1, 2, 84).
 """
 from __future__ import annotations
 
