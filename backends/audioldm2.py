@@ -18,6 +18,9 @@ real checkpoints):
   diffusers builds a transformer with ``cross_attention_dim=None``), slot 1 cross-attends to
   ``encoder_hidden_states`` = the GPT-2 generated tokens (``max_new_tokens``, 8 by
   default), slot 2 to ``encoder_hidden_states_1`` = the Flan-T5 tokens (padding masked).
+  (``modeling_audioldm2.py``: ``attentions[i * n_slots + idx]``; slot ``idx == 1`` gets
+  ``encoder_hidden_states``, non-None slots ``idx > 1`` get ``encoder_hidden_states_1``,
+  ``None`` slots get no context, so large's ``[None, 768, 1024, None]`` adds a 4th self slot.)
   So in ``...attentions.{idx}.transformer_blocks.0.attn2``, ``idx % 3 == 1`` is the GPT-2
   stream and ``idx % 3 == 2`` is the T5 stream; every ``attn1`` is self-attention.
 - CFG: the pipeline doubles the batch as ``cat([uncond, cond])``: the FIRST half of every
@@ -234,7 +237,7 @@ def audio_length_for(pipe, t_lat: int) -> float:
     return t_lat * pipe.vae_scale_factor / _frames_per_second(pipe)
 
 
-def stream_of(module_path: str, n_slots: int = 3) -> str:
+def stream_of(module_path: str, n_slots: int = 3) -> str:  # n_slots: len(cross_attention_dim[i])
     """``'self'``, ``'gpt2'`` or ``'t5'`` for an attention module path inside the UNet.
 
     ``attn1`` is always self-attention; ``attn2`` of ``attentions.{idx}`` takes slot
@@ -246,7 +249,8 @@ def stream_of(module_path: str, n_slots: int = 3) -> str:
     idx, which = int(m.group(1)), m.group(2)
     if which == "attn1":
         return "self"
-    return STREAMS[idx % n_slots] if n_slots == 3 else ("self", "gpt2", "t5", "self")[idx % n_slots]
+    # slot order of [None, d1, d2] (base, music) or [None, d1, d2, None] (large)
+    return ("self", "gpt2", "t5", "self")[idx % n_slots]
 
 
 def cross_attention_paths(unet) -> dict:
