@@ -9,7 +9,7 @@ reads like the real Slakh2100 (Manilow et al. 2019; schema in REFERENCE.md)::
 
 Music: every track has one part of each of the paper's six classes, generated from a seeded
 random key, tempo and a common four-chord progression, with plausible registers (bass
-E1-G2 roots, guitar arpeggios E3-C5, piano block chords around middle C, organ pads
+E1-E2 roots, guitar arpeggios E3-C5, piano block chords around middle C, organ pads
 C3-G4, strings voiced high C5-E6, a drum kit on MIDI channel 10). GM programs are drawn
 per track from each class's range. Each part is rendered alone with FluidSynth and the
 General MIDI soundfont pretty-midi ships (TimGM6mb.sf2), gain-staged to a random level,
@@ -69,7 +69,7 @@ class RenderConfig:
 
 # Per class: GM programs to draw from (0-based) and the MIDI note register of the part.
 PART_SPECS = {
-    "Bass": {"programs": (32, 33, 34, 35, 38), "low": 28, "high": 43},  # E1-G2
+    "Bass": {"programs": (32, 33, 34, 35, 38), "low": 28, "high": 40},  # E1-E2
     "Drums": {"programs": (0,), "low": 35, "high": 57},  # GM percussion keys, channel 10
     "Guitars": {"programs": (24, 25, 26, 27), "low": 52, "high": 72},  # E3-C5
     "Piano": {"programs": (0, 1, 2, 4), "low": 55, "high": 76},  # G3-E5

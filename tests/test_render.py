@@ -1,0 +1,137 @@
+"""The offline mini-Slakh renderer: layout, schema, determinism, resume, bands on rendered audio."""
+
+import argparse
+import hashlib
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from aiba import AibaError
+from aiba.audio import grid_row_hz, mel_grid
+from aiba.data import render
+from aiba.data.slakh import PAPER_CLASSES, SlakhDataset
+
+TOP_KEYS = {"UUID", "audio_dir", "lmd_midi_dir", "midi_dir", "normalization_factor", "normalized",
+            "overall_gain", "stems", "target_peak"}
+STEM_KEYS = {"audio_rendered", "inst_class", "integrated_loudness", "is_drum", "midi_program_name",
+             "midi_saved", "plugin_name", "program_num"}
+
+
+def digest(path):
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def test_layout_and_metadata_schema(mini_slakh):
+    tracks = sorted((mini_slakh / "train").iterdir())
+    assert [t.name for t in tracks] == ["Track00001", "Track00002"]
+    for t in tracks:
+        meta = yaml.safe_load((t / "metadata.yaml").read_text())
+        assert set(meta) == TOP_KEYS
+        assert all(set(s) == STEM_KEYS for s in meta["stems"].values())
+        for sid in meta["stems"]:
+            assert (t / "stems" / f"{sid}.flac").is_file() and (t / "MIDI" / f"{sid}.mid").is_file()
+        assert (t / "mix.flac").is_file() and (t / "all_src.mid").is_file()
+        info = sf.info(str(t / "mix.flac"))
+        assert (info.samplerate, info.channels, info.frames) == (16000, 1, 48000)
+        assert meta["stems"]["S02"]["is_drum"] and meta["stems"]["S02"]["program_num"] == 128
+
+
+def test_reader_reads_the_rendered_tree(mini_slakh):
+    ds = SlakhDataset(mini_slakh)
+    assert len(ds) == 2 and all(t.split == "train" for t in ds)
+    assert ds.class_counts() == {c: 2 for c in PAPER_CLASSES}
+    stems = ds.stems()
+    assert len(stems) == 12 and not ds.problems
+    # stems sum to the mix (same normalisation factor), up to 16-bit quantisation
+    t = ds.tracks[0]
+    total = sum(s.load_audio() for s in t.stems)
+    mix = sf.read(str(t.mix_path))[0]
+    assert np.max(np.abs(total - mix)) < 1e-3
+    assert 0.85 < np.abs(mix).max() < 0.9  # -1 dBFS peak = 0.891
+
+
+def profile(stem):
+    g = mel_grid(stem.load_audio(16000))  # (128, 64) energy
+    p = g.sum(0)
+    return p / p.sum()
+
+
+def test_rendered_stems_land_in_their_bands(mini_slakh):
+    hz = grid_row_hz(64)
+    ds = SlakhDataset(mini_slakh)
+    for t in ds:
+        prof = {s.paper_class: profile(s) for s in t.stems}
+        median = {c: hz[np.searchsorted(np.cumsum(p), 0.5)] for c, p in prof.items()}  # 50 % energy
+        assert prof["Bass"][hz < 250].sum() > 0.6, t.name  # bass energy mostly below 250 Hz
+        assert median["Bass"] < 250, t.name
+        assert prof["Strings"][hz < 250].sum() < 0.05, t.name  # strings voiced high
+        for high in ("Guitars", "Piano", "Strings"):
+            assert median[high] > median["Bass"], (t.name, high, median)
+        assert median["Strings"] > 500, t.name
+        # drums are broadband: energy both below 150 Hz (kick) and above 2 kHz (hats)
+        assert prof["Drums"][hz < 150].sum() > 0.2 and prof["Drums"][hz > 2000].sum() > 1e-3
+
+
+def test_deterministic_and_resumes(mini_slakh, tmp_path):
+    cfg = render.RenderConfig(tracks=1, seconds=3.0, seed=0, synth="fluidsynth")
+    render.make_dataset(tmp_path, cfg, progress=False)
+    a, b = tmp_path / "train" / "Track00001", mini_slakh / "train" / "Track00001"
+    for rel in ("metadata.yaml", "stems/S01.flac", "MIDI/S03.mid", "all_src.mid"):
+        assert digest(a / rel) == digest(b / rel), rel
+    # resume: complete tracks are not touched, missing ones are written
+    before = (a / "mix.flac").stat().st_mtime_ns
+    render.make_dataset(tmp_path, render.RenderConfig(tracks=2, seconds=3.0, seed=0, synth="fluidsynth"),
+                        progress=False)
+    assert (a / "mix.flac").stat().st_mtime_ns == before
+    assert digest(tmp_path / "train" / "Track00002" / "stems" / "S04.flac") == \
+        digest(mini_slakh / "train" / "Track00002" / "stems" / "S04.flac")
+    assert not [p for p in tmp_path.rglob(".*")]  # no temporary files left behind
+    # an incomplete track is rendered again
+    (a / "stems" / "S05.flac").unlink()
+    with pytest.warns(UserWarning, match="incomplete"):
+        render.make_dataset(tmp_path, cfg, progress=False)
+    assert digest(a / "stems" / "S05.flac") == digest(b / "stems" / "S05.flac")
+    # other settings in the same folder are refused
+    with pytest.raises(AibaError, match="other settings"):
+        render.make_dataset(tmp_path, render.RenderConfig(tracks=1, seconds=3.0, seed=1), progress=False)
+
+
+def test_other_seed_differs_and_sine_fallback_is_labelled(tmp_path):
+    cfg = render.RenderConfig(tracks=1, seconds=1.0, seed=3, synth="sine")
+    with pytest.warns(UserWarning, match="SINE"):
+        render.make_dataset(tmp_path, render.RenderConfig(tracks=1, seconds=1.0, seed=3, synth="auto",
+                                                          soundfont=str(tmp_path / "missing.sf2")),
+                            progress=False)
+    meta = yaml.safe_load((tmp_path / "train" / "Track00001" / "metadata.yaml").read_text())
+    assert {s["plugin_name"] for s in meta["stems"].values()} == {"sine-fallback"}
+    assert render.RenderConfig(seed=3) != cfg
+    m1 = render.generate_track(np.random.default_rng([3, 1]), 2.0)
+    m2 = render.generate_track(np.random.default_rng([4, 1]), 2.0)
+    assert [n.pitch for n in m1.instruments[0].notes] != [n.pitch for n in m2.instruments[0].notes] or \
+        m1.get_tempo_changes()[1][0] != m2.get_tempo_changes()[1][0]
+
+
+def test_generated_parts_have_plausible_registers():
+    pm = render.generate_track(np.random.default_rng([0, 7]), 8.0)
+    parts = {i.name: i for i in pm.instruments}
+    assert set(parts) == set(PAPER_CLASSES)
+    assert parts["Drums"].is_drum and not any(parts[c].is_drum for c in PAPER_CLASSES if c != "Drums")
+    for cls, spec in render.PART_SPECS.items():
+        pitches = [n.pitch for n in parts[cls].notes]
+        assert pitches and spec["low"] <= min(pitches) and max(pitches) <= spec["high"], cls
+        assert parts[cls].program in spec["programs"]
+        assert max(n.end for n in parts[cls].notes) <= 8.0
+
+
+def test_cli_make_dataset(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="aiba")
+    render.register(parser.add_subparsers())
+    args = parser.parse_args(["make-dataset", str(tmp_path / "ds"), "--tracks", "1", "--seconds", "1",
+                              "--seed", "5", "--sr", "16000", "-q", "--synth", "sine"])
+    assert args.func(args) == 0  # an explicit --synth sine does not warn
+    assert "1 tracks" in capsys.readouterr().out
+    assert len(SlakhDataset(tmp_path / "ds").stems()) == 6
+    with pytest.raises(AibaError, match="tracks must be"):
+        render.RenderConfig(tracks=0)
