@@ -1,5 +1,53 @@
 """Shared test helpers. Tiny models are built in fixtures, never at import."""
 
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+# --------------------------------------------------------------------------- capture
+def reference_probs(q, k, mask=None, causal=None, scale=None, window=(-1, -1), softcap=0.0):
+    """Float64 eager attention probabilities, head-averaged: (B, Lq, Lk).
+
+    q (B, H, Lq, E), k (B, Hk, Lk, E) with grouped heads expanded by repeat_interleave (as
+    PyTorch's enable_gqa reference does); ``mask`` bool (True = attend) or additive;
+    ``causal`` "top_left" (SDPA) or "bottom_right" (FlashAttention). Fully masked rows -> 0.
+    """
+    q, k = q.double(), k.double()
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
+    scores = q @ k.transpose(-1, -2) * s
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    lq, lk = scores.shape[-2:]
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.double()
+    off = (lk - lq) if causal == "bottom_right" or (causal is None and max(window) >= 0) else 0
+    i = torch.arange(lq)[:, None] + off
+    j = torch.arange(lk)[None, :]
+    allowed = torch.ones(lq, lk, dtype=torch.bool)
+    if causal:
+        allowed &= j <= i
+    if window[1] >= 0:
+        allowed &= j <= i + window[1]
+    if window[0] >= 0:
+        allowed &= j >= i - window[0]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    p = torch.where(torch.isnan(p), torch.zeros_like(p), p)
+    return p.mean(dim=1)
+
+
+@pytest.fixture
+def ref_probs():
+    return reference_probs
+
 
 # ---- tiny backend fixtures (backends/audioldm2.py, backends/stable_audio.py) ---------------
 # Built once per session; each skips cleanly when its optional dependency is missing.
@@ -36,6 +84,21 @@ def tiny_sao_pipeline():
 
 
 # ---- end of tiny backend fixtures -----------------------------------------------------------
+
+
+# --------------------------------------------------------------------------- band alignment
+# (data, render, templates, tables): a rendered mini-Slakh shared by the session.
+@pytest.fixture(scope="session")
+def mini_slakh(tmp_path_factory):
+    """Two 3 s mini-Slakh tracks at 16 kHz, rendered once; skipped when FluidSynth is absent."""
+    from aiba.data.render import RenderConfig, fluidsynth_available, make_dataset
+
+    if not fluidsynth_available():
+        pytest.skip("FluidSynth (libfluidsynth3 + pyfluidsynth) not loadable")
+    root = tmp_path_factory.mktemp("mini_slakh")
+    make_dataset(root, RenderConfig(tracks=2, seconds=3.0, seed=0, sr=16000, synth="fluidsynth"),
+                 progress=False)
+    return root
 
 
 # --------------------------------------------------------------------------- band alignment
