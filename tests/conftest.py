@@ -99,18 +99,3 @@ def mini_slakh(tmp_path_factory):
     make_dataset(root, RenderConfig(tracks=2, seconds=3.0, seed=0, sr=16000, synth="fluidsynth"),
                  progress=False)
     return root
-
-
-# --------------------------------------------------------------------------- band alignment
-# (data, render, templates, tables): a rendered mini-Slakh shared by the session.
-@pytest.fixture(scope="session")
-def mini_slakh(tmp_path_factory):
-    """Two 3 s mini-Slakh tracks at 16 kHz, rendered once; skipped when FluidSynth is absent."""
-    from aiba.data.render import RenderConfig, fluidsynth_available, make_dataset
-
-    if not fluidsynth_available():
-        pytest.skip("FluidSynth (libfluidsynth3 + pyfluidsynth) not loadable")
-    root = tmp_path_factory.mktemp("mini_slakh")
-    make_dataset(root, RenderConfig(tracks=2, seconds=3.0, seed=0, sr=16000, synth="fluidsynth"),
-                 progress=False)
-    return root
