@@ -135,3 +135,15 @@ def test_cli_make_dataset(tmp_path, capsys):
     assert len(SlakhDataset(tmp_path / "ds").stems()) == 6
     with pytest.raises(AibaError, match="tracks must be"):
         render.RenderConfig(tracks=0)
+
+
+def test_cli_main_registers_make_dataset(tmp_path, capsys, monkeypatch):
+    from aiba import cli
+
+    assert "aiba.data.render" in cli.COMMANDS
+    monkeypatch.setattr(cli, "COMMANDS", ["aiba.data.render"])  # only this module's command
+    out = str(tmp_path / "ds")
+    assert cli.main(["make-dataset", out, "--tracks", "1", "--seconds", "1", "-q", "--synth", "sine"]) == 0
+    assert cli.main(["make-dataset", out, "--tracks", "1", "--seconds", "1", "-q", "--seed", "9",
+                     "--synth", "sine"]) == 1
+    assert "other settings" in capsys.readouterr().err
