@@ -10,8 +10,6 @@ nested blocks add taps; outside every block no aiba code runs.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -280,15 +278,9 @@ class _Target:
 
 
 def _optional(module: str):
-    """Import an optional kernel package if it is installed; None otherwise."""
-    if module in sys.modules:
-        return sys.modules[module]
-    try:
-        if importlib.util.find_spec(module.split(".")[0]) is None:
-            return None
-        return importlib.import_module(module)
-    except Exception:  # broken optional install: its kernel is simply not patched
-        return None
+    """An optional kernel package, if the program has imported it (it is never imported here:
+    a model that uses xformers or flash_attn has imported it before it runs)."""
+    return sys.modules.get(module)
 
 
 def _rebinders(orig, replacement) -> list[_Target]:
@@ -389,8 +381,9 @@ def combined_patch(*taps: AttnTap, model: nn.Module | None = None) -> Iterator[A
     """Capture attention into ``taps`` inside the block.
 
     Patches ``F.scaled_dot_product_attention`` (and every module global bound to it),
-    ``nn.MultiheadAttention.forward``, and, when importable, ``xformers.ops.
-    memory_efficient_attention`` and ``flash_attn.flash_attn_func`` (and their bindings).
+    ``nn.MultiheadAttention.forward``, and, when the program has imported them,
+    ``xformers.ops.memory_efficient_attention`` and ``flash_attn.flash_attn_func`` (and every
+    module global bound to them, e.g. stable-audio-tools' ``flash_attn_func``).
     With ``model`` the calls are named by the dotted path of the module that issued them.
     Yields the tap (or the tuple of taps).
     """
