@@ -77,9 +77,10 @@ class PlantedSite(nn.Module):
         self.register_buffer("q", q, persistent=False)
         self.heads = parent.heads
 
-    def forward(self, k: torch.Tensor) -> torch.Tensor:
-        q = self.q.expand(k.shape[0], self.heads, -1, -1)  # (B, H, Lq, E)
-        return F.scaled_dot_product_attention(q, k, k)  # (B, H, Lq, E)
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        """``context``: the text keys (B, H, Lk, E); naming it so tags the call "cross"."""
+        q = self.q.expand(context.shape[0], self.heads, -1, -1)  # (B, H, Lq, E)
+        return F.scaled_dot_product_attention(q, context, context)  # (B, H, Lq, E)
 
 
 def run_demo(out: str | Path | None = "aiba-demo.png", target_T: int = 32, target_F: int = 16) -> dict:
