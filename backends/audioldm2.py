@@ -53,7 +53,7 @@ from aiba.errors import AibaError
 
 __all__ = [
     "TinyAudioLDM2Config", "load", "build_tiny", "latent_shape", "stream_of",
-    "cross_attention_paths", "t5_tokens", "CFG_UNCOND_FIRST", "STREAMS",
+    "cross_attention_paths", "t5_tokens", "CFG_UNCOND_FIRST", "STREAMS", "AudioLDM2Backend",
 ]
 
 CFG_UNCOND_FIRST = True  # the doubled batch is cat([uncond, cond])
@@ -270,3 +270,72 @@ def t5_tokens(pipe, prompt: str) -> list:
     """The T5-stream key tokens for ``prompt`` as the pipeline tokenizes it (words then ``</s>``)."""
     ids = pipe.tokenizer_2(prompt, truncation=True, max_length=pipe.tokenizer_2.model_max_length).input_ids
     return pipe.tokenizer_2.convert_ids_to_tokens(ids)
+
+
+# ------------------------------------------------------------------------- adapter
+from .base import Backend, step_hook, warn_collisions  # noqa: E402
+
+
+class AudioLDM2Backend(Backend):
+    """``AudioLDM2Pipeline`` adapter: streams ``gpt2`` / ``t5`` (cross) and ``self``.
+
+    The GPT-2 keys are generated embeddings, not words: pool="mean" over them is the
+    constant 1/k_len (the tap warns); read that stream with pool="max".
+    """
+
+    name = "audioldm2"
+    prefix_tokens = 0
+    default_steps = 3
+    default_guidance = 3.5
+
+    def __init__(self, pipe, seconds: float | None = None):
+        self.pipe = pipe
+        self.denoiser = pipe.unet
+        self.default_seconds = seconds  # None: the pipeline's default (unet sample_size)
+        self._streams = None
+
+    @classmethod
+    def tiny(cls, seed: int = 0, config: TinyAudioLDM2Config | None = None, **kw):
+        return cls(build_tiny(seed=seed, config=config), **kw)
+
+    @classmethod
+    def from_pretrained(cls, model_id: str = "cvssp/audioldm2-music", device=None, dtype=None, **kw):
+        return cls(load(model_id, device=device, dtype=dtype), **kw)
+
+    def streams(self) -> dict:
+        if self._streams is None:
+            out: dict = {}
+            for path, stream in cross_attention_paths(self.denoiser).items():
+                out.setdefault(stream, []).append(path)
+            self._streams = {s: out[s] for s in ("gpt2", "t5", "self") if s in out}
+        return self._streams
+
+    def latent_shape(self, seconds=None) -> tuple:
+        s = self.default_seconds if seconds is None else seconds
+        return latent_shape(self.pipe, s)[2:]  # (T_lat, F_lat)
+
+    def cfg_order(self, guidance_scale) -> str | None:
+        return "uncond_first" if guidance_scale > 1.0 else None
+
+    def content(self, prompts) -> dict:
+        """T5 words (``</s>`` and padding excluded), tokenized as the pipeline does (padding=True)."""
+        tok = self.pipe.tokenizer_2
+        enc = tok(list(prompts), padding=True, truncation=True, max_length=tok.model_max_length, return_tensors="pt")
+        mask = enc.attention_mask.bool() & (enc.input_ids != tok.eos_token_id)  # (B, L)
+        k_len = mask.shape[1]
+        warn_collisions(self.name, {"gpt2": self.pipe.language_model.config.max_new_tokens, "t5": k_len})
+        return {k_len: mask}
+
+    def tokens(self, prompt: str) -> dict:
+        return {"t5": t5_tokens(self.pipe, prompt)}
+
+    def _generate(self, prompts, *, steps, guidance_scale, seed, seconds, on_step_end):
+        import numpy as np
+        import torch
+
+        s = self.default_seconds if seconds is None else seconds
+        gen = torch.Generator(device=self.pipe.device).manual_seed(seed)
+        with step_hook(self.denoiser, on_step_end):
+            out = self.pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale,
+                            audio_length_in_s=s, generator=gen, output_type="np")
+        return np.asarray(out.audios), int(self.pipe.vocoder.config.sampling_rate), True

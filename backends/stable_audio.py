@@ -60,7 +60,8 @@ from aiba.errors import AibaError
 __all__ = [
     "TinyDiTConfig", "TinySAOPipelineConfig", "load", "load_pipeline", "build_tiny_dit",
     "build_tiny_conditioner", "build_tiny_pipeline", "DiTSampler", "dit_attention_kinds",
-    "PREFIX_TOKENS", "SAT_CFG_COND_FIRST", "DIFFUSERS_CFG_UNCOND_FIRST",
+    "PREFIX_TOKENS", "SAT_CFG_COND_FIRST", "DIFFUSERS_CFG_UNCOND_FIRST", "StableAudioBackend",
+    "StableAudioDiffusersBackend",
 ]
 
 PREFIX_TOKENS = 1  # the prepended global token of both DiTs, at query index 0
@@ -361,3 +362,188 @@ def pipeline_latent_shape(pipe, batch: int = 1) -> tuple:
     """The latent ``(B, C, T)`` diffusers' StableAudioPipeline denoises (fixed by sample_size)."""
     cfg = pipe.transformer.config
     return (batch, cfg.in_channels, int(cfg.sample_size))
+
+
+# ------------------------------------------------------------------------- adapters
+from .base import Backend, step_hook  # noqa: E402
+
+_NOT_WORDS = frozenset({"<pad>", "</s>", "<unk>", "<seconds_start>", "<seconds_total>"})
+
+
+def _tiny_oobleck(c: TinyDiTConfig, seed: int, sampling_rate: int = 4000, ratios=(2, 2)):
+    """A tiny random diffusers ``AutoencoderOobleck`` (SAO's autoencoder family) to decode the
+    tiny DiT's latents into stereo audio; None when diffusers is missing."""
+    try:
+        import torch
+        from diffusers import AutoencoderOobleck
+    except ImportError:
+        return None
+    torch.manual_seed(seed)
+    return AutoencoderOobleck(encoder_hidden_size=8, downsampling_ratios=list(ratios), decoder_channels=8,
+                              decoder_input_channels=c.io_channels, audio_channels=2, channel_multiples=[1, 2],
+                              sampling_rate=sampling_rate).eval()
+
+
+class StableAudioBackend(Backend):
+    """stable-audio-tools ``DiffusionTransformer`` driven by aiba's :class:`DiTSampler`.
+
+    ``generate_diffusion_cond`` needs torchaudio and k-diffusion, which a ``--no-deps``
+    install lacks; the DiT is run with ``cross_attn_cond`` / ``global_embed`` tensors from
+    ``conditioner(prompts, seconds_start, seconds_total)``. Streams ``t5`` (cross, context =
+    T5 tokens ++ seconds_start ++ seconds_total) and ``self``; 1-D time lattice, one
+    prepended global token (stripped), CFG batch ``cat([cond, uncond])``.
+    """
+
+    name = "stable-audio"
+    prefix_tokens = PREFIX_TOKENS
+    default_steps = 3
+    default_guidance = 7.0
+
+    def __init__(self, dit, conditioner, decoder=None, *, sample_rate: int, hop: int, latent_len: int):
+        self.denoiser = dit
+        self.conditioner = conditioner  # cond(prompts, seconds_start, seconds_total) -> (cross, global)
+        self.decoder = decoder  # latents (B, C, T) -> audio (B, ch, samples), or None
+        self.sample_rate, self.hop, self.latent_len = int(sample_rate), int(hop), int(latent_len)
+        self.io_channels = int(dit.preprocess_conv.in_channels)  # latent channels
+
+    @classmethod
+    def tiny(cls, seed: int = 0, config: TinyDiTConfig | None = None):
+        c = config or TinyDiTConfig()
+        vae = _tiny_oobleck(c, seed)
+        decoder = None if vae is None else (lambda z: vae.decode(z).sample)
+        return cls(build_tiny_dit(seed, c), build_tiny_conditioner(seed, c), decoder,
+                   sample_rate=4000, hop=4, latent_len=c.latent_len)
+
+    @classmethod
+    def from_pretrained(cls, model_id: str = "stabilityai/stable-audio-open-1.0", device=None, dtype=None):
+        """The real SAO model (needs stable-audio-tools' conditioner dependencies and the weights)."""
+        model, config = load(model_id, device=device, dtype=dtype)
+        dev = next(model.parameters()).device
+
+        def cond(prompts, seconds_start, seconds_total):
+            meta = [{"prompt": p, "seconds_start": seconds_start, "seconds_total": seconds_total} for p in prompts]
+            inputs = model.get_conditioning_inputs(model.conditioner(meta, dev))
+            return inputs["cross_attn_cond"], inputs["global_cond"]
+
+        prompt_cond = model.conditioner.conditioners["prompt"]
+
+        def tokens(prompt):
+            tok = prompt_cond.tokenizer
+            ids = tok(prompt, padding="max_length", max_length=prompt_cond.max_length, truncation=True).input_ids
+            return tok.convert_ids_to_tokens(ids) + ["<seconds_start>", "<seconds_total>"]
+
+        cond.tokens = tokens
+        pre = model.pretransform
+        return cls(model.model.model, cond, lambda z: pre.decode(z), sample_rate=config["sample_rate"],
+                   hop=pre.downsampling_ratio, latent_len=config["sample_size"] // pre.downsampling_ratio)
+
+    def streams(self) -> dict:
+        kinds = dit_attention_kinds(self.denoiser)
+        return {"t5": [p for p, k in kinds.items() if k == "cross"], "self": [p for p, k in kinds.items() if k == "self"]}
+
+    def _latent_len(self, seconds) -> int:
+        return self.latent_len if seconds is None else max(1, math.ceil(seconds * self.sample_rate / self.hop))
+
+    def latent_shape(self, seconds=None) -> tuple:
+        return (self._latent_len(seconds),)
+
+    def cfg_order(self, guidance_scale) -> str | None:
+        return "cond_first" if guidance_scale != 1.0 else None
+
+    def content(self, prompts) -> dict:
+        import torch
+
+        rows = [[t not in _NOT_WORDS for t in self.conditioner.tokens(p)] for p in prompts]
+        mask = torch.tensor(rows, dtype=torch.bool)  # (B, L + 2)
+        return {mask.shape[1]: mask}
+
+    def tokens(self, prompt: str) -> dict:
+        return {"t5": self.conditioner.tokens(prompt)}
+
+    def _generate(self, prompts, *, steps, guidance_scale, seed, seconds, on_step_end):
+        import torch
+
+        t = self._latent_len(seconds)
+        total = t * self.hop / self.sample_rate
+        cross, glob = self.conditioner(prompts, 0.0, total)
+        p = next(self.denoiser.parameters())
+        noise = torch.randn(len(prompts), self.io_channels, t, generator=torch.Generator().manual_seed(seed))
+        noise = noise.to(p.device, p.dtype)
+
+        def on_step(i, _t):
+            if i > 0 and on_step_end is not None:
+                on_step_end()  # step i-1 has ended
+
+        z = DiTSampler(self.denoiser, steps=steps, cfg_scale=guidance_scale, on_step=on_step)(
+            noise, cross.to(p.device, p.dtype), glob.to(p.device, p.dtype))
+        if on_step_end is not None:
+            on_step_end()  # the last step
+        if self.decoder is None:
+            return z.float().cpu().numpy(), self.sample_rate, False
+        with torch.no_grad():
+            audio = self.decoder(z)
+        return audio.float().cpu().numpy(), self.sample_rate, True
+
+
+class StableAudioDiffusersBackend(Backend):
+    """diffusers ``StableAudioPipeline`` adapter: streams ``t5`` (``attn2``) and ``self``
+    (``attn1``); 1-D time lattice of ``transformer.config.sample_size`` frames, one prepended
+    global token, CFG batch ``cat([uncond, cond])``."""
+
+    name = "stable-audio-diffusers"
+    prefix_tokens = PREFIX_TOKENS
+    default_steps = 3
+    default_guidance = 7.0
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.denoiser = pipe.transformer
+
+    @classmethod
+    def tiny(cls, seed: int = 0, config: TinySAOPipelineConfig | None = None):
+        return cls(build_tiny_pipeline(seed, config))
+
+    @classmethod
+    def from_pretrained(cls, model_id: str = "stabilityai/stable-audio-open-1.0", device=None, dtype=None):
+        return cls(load_pipeline(model_id, device=device, dtype=dtype))
+
+    def streams(self) -> dict:
+        from diffusers.models.attention_processor import Attention
+
+        out = {"t5": [], "self": []}
+        for name, mod in self.denoiser.named_modules():
+            if isinstance(mod, Attention):
+                out["t5" if name.endswith("attn2") else "self"].append(name)
+        return out
+
+    def latent_shape(self, seconds=None) -> tuple:
+        return pipeline_latent_shape(self.pipe)[2:]  # fixed by sample_size; audio is cut afterwards
+
+    def cfg_order(self, guidance_scale) -> str | None:
+        return "uncond_first" if guidance_scale > 1.0 else None
+
+    def content(self, prompts) -> dict:
+        import torch
+
+        tok = self.pipe.tokenizer
+        enc = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt")
+        words = enc.attention_mask.bool() & (enc.input_ids != tok.eos_token_id)  # (B, L)
+        mask = torch.cat([words, torch.zeros(len(prompts), 2, dtype=torch.bool)], dim=1)  # (B, L + 2): + seconds
+        return {mask.shape[1]: mask}
+
+    def tokens(self, prompt: str) -> dict:
+        tok = self.pipe.tokenizer
+        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+        return {"t5": tok.convert_ids_to_tokens(ids) + ["<seconds_start>", "<seconds_end>"]}
+
+    def _generate(self, prompts, *, steps, guidance_scale, seed, seconds, on_step_end):
+        import numpy as np
+        import torch
+
+        gen = torch.Generator(device=self.pipe.device).manual_seed(seed)
+        kw = {} if seconds is None else {"audio_end_in_s": seconds}
+        with step_hook(self.denoiser, on_step_end):
+            out = self.pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gen,
+                            output_type="np", **kw)
+        return np.asarray(out.audios), int(self.pipe.vae.config.sampling_rate), True
