@@ -24,5 +24,8 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install -e ".[audioldm2,stable-audio,data,eval,test]"
 # stable-audio-tools pins ~28 heavy packages: its DiT needs none of them
 "${pip[@]}" install --no-deps "stable-audio-tools==0.0.19"
+# tests only: xformers' layouts and AttentionBias classes are pure Python (its kernels need
+# CUDA and a matching torch, so it is installed without dependencies)
+"${pip[@]}" install --no-deps "xformers==0.0.35"
 rm -f "$VENV"/.aiba-setup-*
 touch "$stamp"
