@@ -16,6 +16,7 @@ from .errors import AibaError
 COMMANDS = [
     "aiba.demo",
     "aiba.data.render",
+    "aiba.bench",
 ]
 
 

@@ -1,0 +1,714 @@
+"""``aiba bench``: the extra latency and memory of attention capture, per denoiser forward.
+
+Each model is built with random weights from its config (AudioLDM2 UNet, Stable Audio Open
+DiT, or a generic SDPA transformer), then every mode runs one forward per repetition,
+interleaved (rep 1: none, eager, ..., rep 2: none, eager, ...), and the median is kept:
+
+- ``none``: the model as shipped (fused kernels, nothing captured);
+- ``eager``: the paper's capture (AIBA App. A): every attention call computed as an explicit
+  softmax in the model's dtype, cross maps head-averaged and copied to the CPU per call;
+- ``eager-all``: the same with the self-attention maps copied too;
+- ``aiba-cross``: ``combined_patch`` with ``AttnTap(kinds=("cross",))``, mapping on;
+- ``aiba-all``: ``AttnTap(kinds=("cross", "self"))``.
+
+Only the forward is timed (CUDA events on a GPU, ``perf_counter`` on the CPU); entering and
+leaving the capture block is timed separately (``enter_ms``), as a run enters it once per
+generation, not once per step.
+
+JSON schema (``SCHEMA``)::
+
+    {"schema": "aiba-bench/1",
+     "info": {"torch", "aiba", "device", "device_name", "dtype", "batch", "reps", "warmup",
+              "steps", "threads", "platform", "notes": [str]},
+     "models": {NAME: {"backend", "size": "full" | "default", "params", "config": {...},
+                       "latent_shape": [T, F] | [T], "prefix_tokens", "context_tokens": [int],
+                       "calls_per_forward": {"cross": int, "self": int},
+                       "modes": {MODE: ROW}} | {"backend", "error": str}}}
+
+    ROW = {"ms": median, "ms_min", "ms_max", "ms_all": [per repetition],
+           "ratio": ms / ms of "none" (same run),
+           "peak_mib": device memory high-water of one forward above what was allocated
+                       before it (CUDA), null on the CPU (no allocator statistics there),
+           "peak_extra_mib": peak_mib - peak_mib of "none" (null on the CPU),
+           "captured_calls": calls captured per forward (eager: maps copied to the CPU),
+           "host_copies_per_step": device->host copies per forward made by the capture
+                       (counted calls of Tensor.cpu/item/tolist/numpy/__bool__/__int__/
+                       __float__ on tensors of the bench device, minus those of "none"),
+           "host_mib_per_step": MiB the capture copies to the host per forward,
+           "state_mib_2": capture state after 2 steps, "state_mib": after ``steps`` steps
+                       (aiba: tap.state_bytes(), the per-layer sums on the device; eager:
+                       bytes of the maps stored on the CPU),
+           "state_grows": state_mib > state_mib_2,
+           "state_mib_200": projected state of a 200-step run of this model,
+           "records_200": CallRecords a 200-step run leaves in tap.store (host objects),
+           "enter_ms": time to enter + leave the capture block once}
+
+For the aiba modes the result also carries ``state_mib_200_audioldm2``: the state of a
+200-step run of the full-size AudioLDM2 UNet (measured when that model is benchmarked,
+else the measured bytes per captured layer times that UNet's layer count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AibaError
+
+__all__ = [
+    "MODES",
+    "BACKENDS",
+    "SCHEMA",
+    "BenchConfig",
+    "BenchModel",
+    "build_models",
+    "bench_model",
+    "run",
+    "format_table",
+    "register",
+]
+
+MODES = ("none", "eager", "eager-all", "aiba-cross", "aiba-all")
+BACKENDS = ("audioldm2", "stable-audio", "generic")
+SCHEMA = "aiba-bench/1"
+MIB = float(1 << 20)
+# a full AudioLDM2 generation (pipeline default) and a Stable Audio Open one
+STEPS_AUDIOLDM2 = 200
+# full-size AudioLDM2 UNet, 10.24 s: captured layers per forward (REFERENCE.md)
+AUDIOLDM2_LAYERS = {"cross": 32, "self": 64}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run (the CLI turns its arguments into this)."""
+
+    backend: str = "generic"  # "audioldm2" | "stable-audio" | "generic"
+    full_size: bool = False  # the real architectures (random weights) instead of CPU-sized ones
+    device: str = "cpu"
+    dtype: str | None = None  # "float16" | "bfloat16" | "float32"; None: fp16 on CUDA, fp32 on CPU
+    batch: int = 2  # the CFG-doubled batch the pipelines run
+    modes: tuple[str, ...] = MODES
+    reps: int = 5  # timed forwards per mode (interleaved); the median is reported
+    warmup: int = 1  # untimed forwards per mode first
+    steps: int = 4  # steps run to measure the capture state (after 2 and after `steps`)
+    target: tuple[int, int] = (128, 64)  # the tap's (target_T, target_F) grid
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise AibaError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise AibaError(f"modes must be a non-empty subset of {MODES}, got {list(self.modes)}")
+        if self.reps < 1 or self.warmup < 0 or self.steps < 2 or self.batch < 1:
+            raise AibaError(f"need reps >= 1, warmup >= 0, steps >= 2, batch >= 1; got reps={self.reps} "
+                            f"warmup={self.warmup} steps={self.steps} batch={self.batch}")
+        if self.dtype not in (None, "float16", "bfloat16", "float32"):
+            raise AibaError(f"dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype is None:
+            return torch.float16 if torch.device(self.device).type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+
+@dataclass
+class BenchModel:
+    """A built denoiser and the facts the taps need."""
+
+    name: str
+    backend: str
+    size: str  # "full" | "default"
+    module: nn.Module
+    forward: Callable[[], object]  # one denoiser forward at the bench batch
+    latent_shape: tuple[int, ...]  # (T, F) or (T,): the query lattice at stride 1
+    prefix_tokens: int = 0
+    context: dict[int, list[int]] = field(default_factory=dict)  # k_len -> content token indices
+    cfg: str | None = "uncond_first"
+    config: dict = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+
+# ---------------------------------------------------------------- model builders
+def _audioldm2(cfg: BenchConfig) -> list[BenchModel]:
+    from diffusers import AudioLDM2UNet2DConditionModel
+
+    if cfg.full_size:
+        # audioldm2 / audioldm2-music UNet (346.9M params), 10.24 s -> latent (B, 8, 256, 16)
+        conf = dict(sample_size=256, in_channels=8, out_channels=8, block_out_channels=(128, 256, 384, 640),
+                    layers_per_block=2, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+                    up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
+                    cross_attention_dim=([None, 768, 1024],) * 4, attention_head_dim=8)
+        t_lat, f_lat, d_gpt2, d_t5, n_t5, name = 256, 16, 768, 1024, 20, "audioldm2_unet_10s"
+    else:
+        # same block layout (4 levels, 3 with attention, 3 slots each), narrower and shorter:
+        # latent (B, 8, 64, 16) = 2.56 s
+        conf = dict(sample_size=64, in_channels=8, out_channels=8, block_out_channels=(32, 64, 64, 96),
+                    layers_per_block=1, norm_num_groups=16,
+                    down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+                    up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
+                    cross_attention_dim=([None, 64, 96],) * 4, attention_head_dim=8)
+        t_lat, f_lat, d_gpt2, d_t5, n_t5, name = 64, 16, 64, 96, 20, "audioldm2_unet_small"
+    dev, dt = torch.device(cfg.device), cfg.torch_dtype
+    torch.manual_seed(cfg.seed)
+    with torch.device(dev):
+        unet = AudioLDM2UNet2DConditionModel(**conf).to(dt).eval()
+        x = torch.randn(cfg.batch, 8, t_lat, f_lat, dtype=dt)  # (B, C, T, F): height = time
+        e1 = torch.randn(cfg.batch, 8, d_gpt2, dtype=dt)  # 8 GPT-2 generated tokens
+        e2 = torch.randn(cfg.batch, n_t5, d_t5, dtype=dt)  # T5 tokens
+        t = torch.tensor(500, device=dev)
+
+    def fwd():
+        return unet(x, t, encoder_hidden_states=e1, encoder_hidden_states_1=e2)
+
+    # pool over 6 "prompt" tokens of each stream (k_len 8 = GPT-2, 20 = T5)
+    ctx = {8: list(range(6)), n_t5: list(range(6))}
+    return [BenchModel(name, "audioldm2", "full" if cfg.full_size else "default", unet, fwd, (t_lat, f_lat), 0, ctx,
+                       "uncond_first", {k: list(v) if isinstance(v, tuple) else v for k, v in conf.items()})]
+
+
+def _stable_audio(cfg: BenchConfig) -> list[BenchModel]:
+    from stable_audio_tools.models.dit import DiffusionTransformer
+
+    if cfg.full_size:
+        conf = dict(io_channels=64, embed_dim=1536, depth=24, num_heads=24, cond_token_dim=768, global_cond_dim=1536)
+        sizes = (("sao_dit_10s", 216), ("sao_dit_47s", 1024))
+    else:
+        # SAO's layout (prepended global token, 130 context tokens, grouped kv heads), narrower
+        conf = dict(io_channels=16, embed_dim=128, depth=2, num_heads=4, cond_token_dim=64, global_cond_dim=128)
+        sizes = (("sao_dit_small_10s", 216), ("sao_dit_small_47s", 1024))
+    dev, dt = torch.device(cfg.device), cfg.torch_dtype
+    torch.manual_seed(cfg.seed)
+    with torch.device(dev):
+        dit = DiffusionTransformer(project_cond_tokens=False, transformer_type="continuous_transformer",
+                                   global_cond_type="prepend", **conf).to(dt).eval()
+    n_ctx = 130  # 128 T5 tokens + seconds_start + seconds_total
+    out = []
+    for name, frames in sizes:
+        with torch.device(dev):
+            x = torch.randn(cfg.batch, conf["io_channels"], frames, dtype=dt)  # (B, C, T)
+            t = torch.rand(cfg.batch, dtype=dt)
+            ctx = torch.randn(cfg.batch, n_ctx, conf["cond_token_dim"], dtype=dt)
+            g = torch.randn(cfg.batch, conf["global_cond_dim"], dtype=dt)
+
+        def fwd(x=x, t=t, ctx=ctx, g=g):
+            return dit(x, t, cross_attn_cond=ctx, global_embed=g)
+
+        out.append(BenchModel(name, "stable-audio", "full" if cfg.full_size else "default", dit, fwd, (frames,), 1,
+                              {n_ctx: list(range(12))}, "cond_first", dict(conf, frames=frames, context_tokens=n_ctx)))
+    return out
+
+
+class _Attention(nn.Module):
+    """Multi-head attention through ``F.scaled_dot_product_attention``; ``context`` makes it cross."""
+
+    def __init__(self, dim: int, heads: int, ctx_dim: int | None = None) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(ctx_dim or dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        src = x if context is None else context
+        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, H, N, d/H)
+        k, v = self.kv(src).view(b, src.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # 2 x (B, H, S, d/H)
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d/H)
+        return self.out(o.transpose(1, 2).reshape(b, n, d))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int, ctx_dim: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = _Attention(dim, heads)
+        self.cross_attn = _Attention(dim, heads, ctx_dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), context=ctx)
+        return x + self.ff(self.norm3(x))
+
+
+class GenericDenoiser(nn.Module):
+    """A plain SDPA transformer over a (T, F) latent raster, time-major (needs only torch)."""
+
+    def __init__(self, channels: int, dim: int, depth: int, heads: int, ctx_dim: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(channels, dim)
+        self.blocks = nn.ModuleList(_Block(dim, heads, ctx_dim) for _ in range(depth))
+        self.outp = nn.Linear(dim, channels)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        b, c, t, f = x.shape
+        h = self.inp(x.permute(0, 2, 3, 1).reshape(b, t * f, c))  # (B, T*F, dim), index = t * F + f
+        for blk in self.blocks:
+            h = blk(h, ctx)
+        return self.outp(h).reshape(b, t, f, c).permute(0, 3, 1, 2)  # (B, C, T, F)
+
+
+def _generic(cfg: BenchConfig) -> list[BenchModel]:
+    if cfg.full_size:
+        conf = dict(channels=8, dim=768, depth=12, heads=12, ctx_dim=1024, T=256, F=16, context_tokens=20)
+    else:
+        conf = dict(channels=8, dim=64, depth=2, heads=4, ctx_dim=32, T=32, F=8, context_tokens=10)
+    dev, dt = torch.device(cfg.device), cfg.torch_dtype
+    torch.manual_seed(cfg.seed)
+    with torch.device(dev):
+        m = GenericDenoiser(conf["channels"], conf["dim"], conf["depth"], conf["heads"], conf["ctx_dim"]).to(dt).eval()
+        x = torch.randn(cfg.batch, conf["channels"], conf["T"], conf["F"], dtype=dt)
+        ctx = torch.randn(cfg.batch, conf["context_tokens"], conf["ctx_dim"], dtype=dt)
+    n = conf["context_tokens"]
+    return [BenchModel("generic_" + ("full" if cfg.full_size else "small"), "generic", "full" if cfg.full_size else "default",
+                       m, lambda: m(x, ctx), (conf["T"], conf["F"]), 0, {n: list(range(n // 2))}, "uncond_first", conf)]
+
+
+_BUILDERS = {"audioldm2": _audioldm2, "stable-audio": _stable_audio, "generic": _generic}
+
+
+def build_models(cfg: BenchConfig) -> list[BenchModel]:
+    """The denoisers of ``cfg.backend`` at ``cfg``'s size, device and dtype."""
+    return _BUILDERS[cfg.backend](cfg)
+
+
+# --------------------------------------------------------------- eager capture
+def _rebound(orig) -> list[tuple[object, str]]:
+    """(module, name) of every module global bound to ``orig`` (``from F import sdpa`` style)."""
+    out = []
+    for mod in list(sys.modules.values()):
+        d = getattr(mod, "__dict__", None)
+        if isinstance(d, dict):
+            out += [(mod, k) for k, v in list(d.items()) if v is orig]
+    return out
+
+
+@contextlib.contextmanager
+def _swap_all(orig, replacement) -> Iterator[None]:
+    """Replace every module-global binding of ``orig``; restore them all on exit."""
+    with contextlib.ExitStack() as stack:
+        for mod, name in _rebound(orig):
+            setattr(mod, name, replacement)
+            stack.callback(setattr, mod, name, orig)
+        yield
+
+
+class EagerCapture:
+    """The paper's capture: explicit softmax per call, head-mean maps copied to the CPU.
+
+    A call is "cross" when its key length differs from its query length (what the paper's
+    processor sees); ``keep_self`` also copies the self-attention maps.
+    """
+
+    def __init__(self, keep_self: bool = False) -> None:
+        self.keep_self = keep_self
+        self.store: list[torch.Tensor] = []
+        self.calls = 0  # attention calls seen
+
+    def sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        self.calls += 1
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            g = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(g, dim=-3), value.repeat_interleave(g, dim=-3)
+        s = scale if scale is not None else query.shape[-1] ** -0.5
+        scores = torch.matmul(query, key.transpose(-1, -2)) * s  # (B, H, Lq, Lk), model dtype
+        lq, lk = scores.shape[-2:]
+        if is_causal:
+            keep = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        probs = scores.softmax(dim=-1)
+        if lk != lq or self.keep_self:
+            a = probs.mean(dim=-3) if probs.dim() >= 4 else probs  # (B, Lq, Lk)
+            self.store.append(a.detach().cpu())
+        return torch.matmul(probs, value)
+
+    @contextlib.contextmanager
+    def patch(self) -> Iterator["EagerCapture"]:
+        with _swap_all(_ORIG_SDPA, self.sdpa):
+            yield self
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.store)
+
+
+_ORIG_SDPA = F.scaled_dot_product_attention
+
+
+# ------------------------------------------------------------ host-copy counter
+_HOST_METHODS = ("cpu", "item", "tolist", "numpy", "__bool__", "__int__", "__float__")
+
+
+class HostCopyCounter:
+    """Counts device->host transfers: ``Tensor.cpu/item/tolist/numpy`` and Python truth/number
+    conversions of tensors on ``device`` (each a copy and a sync on an accelerator).
+
+    On the CPU the same calls are counted: they are the points that would copy on a GPU.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.count = 0
+        self.bytes = 0
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator["HostCopyCounter"]:
+        saved = {n: vars(torch.Tensor).get(n, _MISSING) for n in _HOST_METHODS}
+        dev_type = self.device.type
+
+        def wrap(name):
+            orig = getattr(torch.Tensor, name)
+
+            def counted(t, *args, **kwargs):
+                if t.device.type == dev_type:
+                    self.count += 1
+                    self.bytes += t.numel() * t.element_size()
+                return orig(t, *args, **kwargs)
+
+            return counted
+
+        try:
+            for n in _HOST_METHODS:
+                setattr(torch.Tensor, n, wrap(n))
+            yield self
+        finally:
+            for n, old in saved.items():
+                if old is _MISSING:
+                    delattr(torch.Tensor, n)
+                else:
+                    setattr(torch.Tensor, n, old)
+
+
+_MISSING = object()
+
+
+# -------------------------------------------------------------------- runners
+class _Mode:
+    """One mode: ``block()`` enters its capture, ``after()`` ends a step, ``state_bytes()``."""
+
+    def __init__(self, name: str, model: BenchModel, cfg: BenchConfig) -> None:
+        self.name = name
+        self.model = model
+        self.cfg = cfg
+        self.eager = EagerCapture(keep_self=name == "eager-all") if name.startswith("eager") else None
+        self.tap = None
+        if name.startswith("aiba"):
+            self.tap = self.new_tap()
+
+    def new_tap(self):
+        from .tap import AttnTap
+
+        kinds = ("cross",) if self.name == "aiba-cross" else ("cross", "self")
+        m = self.model
+        return AttnTap(*self.cfg.target, pool="mean", kinds=kinds, latent_shape=m.latent_shape,
+                       prefix_tokens=m.prefix_tokens, content=m.context or None,
+                       cfg=m.cfg if self.cfg.batch % 2 == 0 else None, batch="cond")
+
+    def reset(self) -> None:
+        if self.eager is not None:
+            self.eager.store.clear()
+            self.eager.calls = 0
+        if self.tap is not None:
+            self.tap = self.new_tap()
+
+    def block(self):
+        if self.eager is not None:
+            return self.eager.patch()
+        if self.tap is not None:
+            from .patch import combined_patch
+
+            return combined_patch(self.tap, model=self.model.module)
+        return contextlib.nullcontext()
+
+    def after(self) -> None:
+        """End of a step: the tap advances; eager's copies stay (clear_store drops them)."""
+        if self.tap is not None:
+            self.tap.next_step()
+
+    def clear_store(self) -> None:
+        if self.eager is not None:
+            self.eager.store.clear()
+        if self.tap is not None:
+            self.tap.store.clear()  # records only: the streaming state is kept
+
+    def state_bytes(self) -> int:
+        if self.eager is not None:
+            return self.eager.state_bytes()
+        if self.tap is not None:
+            return self.tap.state_bytes()
+        return 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_forward(mode: _Mode, device: torch.device) -> float:
+    """ms of one forward inside the mode's (already built) capture block; the block's own
+    entry is outside the timed region."""
+    fwd = mode.model.forward
+    with mode.block():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fwd()
+            b.record()
+            torch.cuda.synchronize(device)
+            ms = a.elapsed_time(b)
+        else:
+            t0 = time.perf_counter()
+            fwd()
+            ms = (time.perf_counter() - t0) * 1e3
+    mode.after()
+    mode.clear_store()
+    return ms
+
+
+def _enter_ms(mode: _Mode, device: torch.device, n: int = 3) -> float:
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with mode.block():
+            pass
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def _peak_mib(mode: _Mode, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    with mode.block():
+        mode.model.forward()
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    mode.after()
+    mode.clear_store()
+    return peak / MIB
+
+
+def _counts(mode: _Mode, device: torch.device) -> tuple[int, int, int]:
+    """(host copies, host bytes, captured calls) of one forward."""
+    counter = HostCopyCounter(device)
+    mode.clear_store()
+    with counter.counting(), mode.block():
+        mode.model.forward()
+    _sync(device)
+    if mode.eager is not None:
+        calls = len(mode.eager.store)
+    elif mode.tap is not None:
+        calls = sum(r.captured for r in mode.tap.store)
+    else:
+        calls = 0
+    mode.after()
+    mode.clear_store()
+    return counter.count, counter.bytes, calls
+
+
+def _state(mode: _Mode, steps: int) -> tuple[int, int, int, int]:
+    """(bytes after 2 steps, after ``steps`` steps, records per step, layers held), fresh state."""
+    mode.reset()
+    at2 = 0
+    for i in range(steps):
+        with mode.block():
+            mode.model.forward()
+        mode.after()
+        if i == 1:
+            at2 = mode.state_bytes()
+    end = mode.state_bytes()
+    records = len(mode.tap.store) // steps if mode.tap is not None else 0
+    n_layers = len(mode.tap._acc) if mode.tap is not None else 0
+    mode.reset()
+    return at2, end, records, n_layers
+
+
+def _calls_per_forward(model: BenchModel, device: torch.device) -> dict[str, int]:
+    """Attention calls of one forward by kind, as the tap tags them."""
+    from .patch import combined_patch
+    from .tap import AttnTap
+
+    tap = AttnTap(kinds=())
+    with torch.no_grad(), combined_patch(tap, model=model.module):
+        model.forward()
+    out = {"cross": 0, "self": 0}
+    for r in tap.store:
+        out[r.kind] += 1
+    return out
+
+
+def bench_model(model: BenchModel, cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Every mode of ``cfg.modes`` on one model: the ``models[NAME]`` entry of the JSON."""
+    device = torch.device(cfg.device)
+    modes = ["none"] + [m for m in cfg.modes if m != "none"]
+    runners = {m: _Mode(m, model, cfg) for m in modes}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    with torch.no_grad():
+        for _ in range(cfg.warmup):
+            for m in modes:
+                _timed_forward(runners[m], device)
+        for rep in range(cfg.reps):
+            for m in modes:
+                times[m].append(_timed_forward(runners[m], device))
+            log(f"  rep {rep + 1}/{cfg.reps}: " + " ".join(f"{m}={times[m][-1]:.1f}ms" for m in modes))
+        rows = {}
+        for m in modes:
+            r = runners[m]
+            copies, nbytes, calls = _counts(r, device)
+            at2, end, records, n_layers = _state(r, cfg.steps)
+            ts = times[m]
+            rows[m] = dict(ms=statistics.median(ts), ms_min=min(ts), ms_max=max(ts), ms_all=ts,
+                           peak_mib=_peak_mib(r, device), captured_calls=calls, host_copies_total=copies,
+                           host_bytes_total=nbytes, state_mib_2=at2 / MIB, state_mib=end / MIB,
+                           state_grows=end > at2, enter_ms=_enter_ms(r, device) if m != "none" else 0.0,
+                           records_per_step=records, layers=n_layers)
+    base = rows["none"]
+    for m, row in rows.items():
+        row["ratio"] = row["ms"] / base["ms"]
+        row["peak_extra_mib"] = None if row["peak_mib"] is None else row["peak_mib"] - base["peak_mib"]
+        row["host_copies_per_step"] = row["host_copies_total"] - base["host_copies_total"]
+        row["host_mib_per_step"] = (row["host_bytes_total"] - base["host_bytes_total"]) / MIB
+        if m.startswith("eager"):  # grows by one step's copies each step
+            row["state_mib_200"] = row["state_mib"] / cfg.steps * STEPS_AUDIOLDM2
+        else:  # a streaming state does not grow: what it holds after N steps it holds after 200
+            row["state_mib_200"] = row["state_mib"]
+        row["records_200"] = row.pop("records_per_step") * STEPS_AUDIOLDM2
+        if m.startswith("aiba"):
+            kinds = ("cross",) if m == "aiba-cross" else ("cross", "self")
+            n_full = sum(AUDIOLDM2_LAYERS[k] for k in kinds)
+            if model.backend == "audioldm2" and model.size == "full":
+                row["state_mib_200_audioldm2"] = row["state_mib"]
+            elif row["layers"]:
+                row["state_mib_200_audioldm2"] = row["state_mib"] / row["layers"] * n_full
+            else:
+                row["state_mib_200_audioldm2"] = None
+    return dict(backend=model.backend, size=model.size, params=model.params, config=model.config,
+                latent_shape=list(model.latent_shape), prefix_tokens=model.prefix_tokens,
+                context_tokens=sorted(model.context), calls_per_forward=_calls_per_forward(model, device),
+                modes=rows)
+
+
+def _info(cfg: BenchConfig) -> dict:
+    from . import __version__
+
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+        except OSError:
+            pass
+    notes = [f"backend {cfg.backend}, {'full' if cfg.full_size else 'default (CPU-sized)'} models"]
+    if dev.type != "cuda":
+        notes.append("peak_mib is null on the CPU: torch keeps no allocator statistics there; run with --device cuda")
+        notes.append("host copies on the CPU count the calls that would copy device->host on an accelerator")
+    sat = sys.modules.get("stable_audio_tools.models.transformer")
+    if sat is not None and getattr(sat, "flash_attn_func", None) is not None:
+        notes.append("stable-audio-tools calls flash_attn here: the eager modes do not intercept it")
+    return dict(torch=torch.__version__, aiba=__version__, device=str(dev), device_name=name,
+                dtype=str(cfg.torch_dtype).replace("torch.", ""), batch=cfg.batch, reps=cfg.reps, warmup=cfg.warmup,
+                steps=cfg.steps, threads=torch.get_num_threads(), platform=platform.platform(), notes=notes)
+
+
+def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, result: dict | None = None) -> dict:
+    """Build ``cfg.backend``'s models and bench each; adds to ``result`` (a previous run's dict)."""
+    result = result if result is not None else {"schema": SCHEMA, "info": _info(cfg), "models": {}}
+    try:
+        models = build_models(cfg)
+    except Exception as e:  # a missing optional backend, or out of memory
+        result["models"][cfg.backend] = dict(backend=cfg.backend, error=f"{type(e).__name__}: {str(e)[:500]}")
+        log(f"{cfg.backend}: {result['models'][cfg.backend]['error']}")
+        return result
+    for m in models:
+        t0 = time.perf_counter()
+        log(f"{m.name}: {m.params / 1e6:.1f}M params, latent {m.latent_shape}")
+        try:
+            result["models"][m.name] = bench_model(m, cfg, log)
+        except Exception as e:
+            if isinstance(e, AibaError):
+                raise
+            result["models"][m.name] = dict(backend=m.backend, error=f"{type(e).__name__}: {str(e)[:500]}")
+        log(f"{m.name}: {time.perf_counter() - t0:.1f} s")
+        if torch.device(cfg.device).type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def _fmt(v, spec: str) -> str:
+    return format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)
+
+
+def format_table(result: dict) -> str:
+    """The short table printed last."""
+    info = result["info"]
+    lines = [f"device: {info['device_name']} ({info['device']}, {info['threads']} threads), {info['dtype']}, "
+             f"batch {info['batch']}, median of {info['reps']}, state after {info['steps']} steps",
+             f"{'model':22} {'mode':10} {'ms':>9} {'ratio':>6} {'peak+MiB':>8} {'stateMiB':>8} {'st@200':>8} "
+             f"{'d2h/step':>8} {'hostMiB':>7} {'calls':>5}"]
+    for name, mr in result["models"].items():
+        if "error" in mr:
+            lines.append(f"{name:22} ERROR {mr['error'][:80]}")
+            continue
+        for mode, r in mr["modes"].items():
+            lines.append(f"{name:22} {mode:10} {r['ms']:9.2f} {r['ratio']:6.2f} {_fmt(r['peak_extra_mib'], '8.1f')} "
+                         f"{r['state_mib']:8.3f} {r['state_mib_200']:8.2f} {r['host_copies_per_step']:8d} "
+                         f"{r['host_mib_per_step']:7.2f} {r['captured_calls']:5d}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ CLI
+def _run_cli(args) -> int:
+    import json
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    cfg = BenchConfig(backend=args.backend, full_size=args.full_size, device=args.device, dtype=args.dtype,
+                      batch=args.batch, modes=modes, reps=args.reps, warmup=args.warmup, steps=args.steps)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    result = run(cfg, log)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print(format_table(result))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``aiba bench``."""
+    p = subparsers.add_parser("bench", help="latency and memory of attention capture against the uncaptured model",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--backend", choices=BACKENDS, default="generic", help="model family (default generic: torch only)")
+    p.add_argument("--full-size", action="store_true", help="the real architectures with random weights (GPU-sized)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                   help="default: float16 on CUDA, float32 on the CPU")
+    p.add_argument("--batch", type=int, default=2, help="batch (default 2: a CFG-doubled prompt)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per mode, interleaved (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed forwards per mode first (default 1)")
+    p.add_argument("--steps", type=int, default=4, help="steps run to measure the capture state (default 4)")
+    p.add_argument("--json", default=None, help="write the results here (schema: aiba.bench.SCHEMA)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=_run_cli)
