@@ -311,11 +311,13 @@ class AttnTap:
         if not self._selected(name, kind):
             rec.captured = False
             return rec
+        keep_probs = "probs" in self.keep
+        mapped = self.latent_shape is not None
+        if not (keep_probs or mapped):
+            return rec  # a record is all that was asked for: nothing to recompute
         device = x.q.device
         x = x.select_batch(self._batch_index(b, name, device))
         bk = x.shape[0]
-        keep_probs = "probs" in self.keep
-        mapped = self.latent_shape is not None
         probs = torch.empty(bk, lq, lk, dtype=torch.float32, device=device) if keep_probs else None
         cross = kind == "cross"
         if mapped and cross:
