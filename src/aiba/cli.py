@@ -17,6 +17,7 @@ COMMANDS = [
     "aiba.demo",
     "aiba.data.render",
     "aiba.bench",
+    "aiba.diagnose",
 ]
 
 
