@@ -83,6 +83,64 @@ def tiny_sao_pipeline():
     return build_tiny_pipeline(seed=0)
 
 
+@pytest.fixture(scope="session")
+def audioldm2_backend(tiny_audioldm2):
+    from aiba.backends.audioldm2 import AudioLDM2Backend
+
+    return AudioLDM2Backend(tiny_audioldm2)
+
+
+@pytest.fixture(scope="session")
+def sat_backend(tiny_sat_dit):
+    """The stable-audio-tools DiT adapter without a decoder (audio = the final latent)."""
+    from aiba.backends.stable_audio import StableAudioBackend, TinyDiTConfig
+
+    dit, cond = tiny_sat_dit
+    return StableAudioBackend(dit, cond, None, sample_rate=4000, hop=4, latent_len=TinyDiTConfig().latent_len)
+
+
+@pytest.fixture(scope="session")
+def sao_backend(tiny_sao_pipeline):
+    from aiba.backends.stable_audio import StableAudioDiffusersBackend
+
+    return StableAudioDiffusersBackend(tiny_sao_pipeline)
+
+
+def make_mha_model(seed: int = 0, channels: int = 4, dim: int = 16, text_dim: int = 8):
+    """A tiny latent model whose self- and cross-attention are nn.MultiheadAttention.
+
+    forward(x (B, C, T, F), context (B, L, text_dim)) -> (B, C, T, F); queries are the
+    T x F latent in time-major raster order.
+    """
+    from torch import nn
+
+    class TinyMHAModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Conv2d(channels, dim, 1)
+            self.self_attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+            self.cross_attn = nn.MultiheadAttention(dim, 2, kdim=text_dim, vdim=text_dim, batch_first=True)
+            self.out = nn.Conv2d(dim, channels, 1)
+
+        def forward(self, x, context):
+            b, _, t, f = x.shape
+            h = self.inp(x).flatten(2).transpose(1, 2)  # (B, T*F, D)
+            h = h + self.self_attn(h, h, h, need_weights=False)[0]
+            h = h + self.cross_attn(h, context, context, need_weights=False)[0]
+            return self.out(h.transpose(1, 2).reshape(b, dim, t, f))  # (B, C, T, F)
+
+    torch.manual_seed(seed)
+    return TinyMHAModel().eval()
+
+
+@pytest.fixture
+def mha_model():
+    """``(model, (x, context))``: the nn.MultiheadAttention model and example inputs."""
+    model = make_mha_model()
+    g = torch.Generator().manual_seed(1)
+    return model, (torch.randn(1, 4, 6, 5, generator=g), torch.randn(1, 7, 8, generator=g))
+
+
 # ---- end of tiny backend fixtures -----------------------------------------------------------
 
 
