@@ -140,6 +140,7 @@ def diagnose(backend, *, prompt: str = "a bass solo with drums", steps: int = 2,
         from .backends import get
 
         backend = get(backend, tiny=tiny)
+    backend.streams()  # a generic backend probes its model here: before the run hooks count
     tap = AttnTap(target_T=target[0], target_F=target[1], pool=pool, kinds=("cross", "self"))
     modules = G.attention_modules(backend.denoiser)
     runs = {name: 0 for name in modules}
