@@ -16,6 +16,8 @@ from .errors import AibaError
 COMMANDS = [
     "aiba.demo",
     "aiba.data.render",
+    "aiba.evaluate",
+    "aiba.report",
     "aiba.bench",
     "aiba.diagnose",
 ]
