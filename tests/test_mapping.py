@@ -267,3 +267,31 @@ def test_maps_errors_are_clear():
         AttnTap(latent_shape=(4, 4)).maps()
     with pytest.raises(AibaError, match="latent_shape"):
         AttnTap(latent_shape=(0, 4))
+
+
+def test_content_by_layer_pattern_wins_over_key_length():
+    a = torch.tensor([[[0.1, 0.6, 0.3]]])
+    spec = {"*.gpt2": [0], 3: [1]}
+    w, m = token_weights("mean", 3, 1, "cpu", content=spec, name="block.gpt2")
+    torch.testing.assert_close(pool_queries(a, "mean", w, m), torch.tensor([[0.1]]))
+    w, m = token_weights("mean", 3, 1, "cpu", content=spec, name="block.t5")
+    torch.testing.assert_close(pool_queries(a, "mean", w, m), torch.tensor([[0.6]]))
+    # through the tap: two layers with the same key length pool over different tokens
+    model = PlantedCrossAttention(token=2)
+    tap = AttnTap(9, 7, pool="mean", latent_shape=(9, 7), content={"layers.0": [2], "layers.1": [1]})
+    with torch.no_grad(), combined_patch(tap, model=model):
+        model()
+    layers = tap.maps().layers
+    assert layers["layers.0"].max() > 0.5  # token 2 is the planted one
+    assert layers["layers.1"].max() < 0.05  # token 1 gets almost nothing
+
+
+def test_calls_outside_the_model_are_recorded_not_recomputed():
+    model = PlantedCrossAttention()
+    q = torch.randn(1, 2, 5, 8)
+    tap = AttnTap(9, 7, pool="max", latent_shape=(9, 7), kinds=("cross", "self"), keep="probs")
+    with torch.no_grad(), combined_patch(tap, model=model):
+        F.scaled_dot_product_attention(q, q, q)  # e.g. a text encoder: 5 tokens fit no lattice
+        model()
+    assert [(r.outside, r.captured, r.probs is not None) for r in tap.store] == [
+        (True, False, False), (False, True, True), (False, True, True)]

@@ -9,6 +9,7 @@ here by :func:`fit_layer_weights`.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Mapping, Sequence
 
@@ -96,15 +97,31 @@ def resize(grid: torch.Tensor, size: tuple[int, int], padding: str = "border") -
     return y.reshape(*lead, *size)  # (..., T, F)
 
 
-def _resolve(spec, k_len: int):
-    if isinstance(spec, Mapping):
-        return spec.get(k_len)
-    return spec
+def spec_key(spec, k_len: int, name: str = ""):
+    """Which entry of a token spec applies to a call: a mapping is looked up first by layer
+    pattern (str keys, fnmatch on the layer name, in order), then by key length (int keys)."""
+    if not isinstance(spec, Mapping):
+        return None
+    for key in spec:
+        if isinstance(key, str) and fnmatch.fnmatchcase(name, key):
+            return key
+    return k_len if k_len in spec else _NO_ENTRY
+
+
+_NO_ENTRY = object()
+
+
+def _resolve(spec, k_len: int, name: str = ""):
+    """The token selection a spec gives for one call (see :func:`spec_key`); None = none."""
+    if not isinstance(spec, Mapping):
+        return spec
+    key = spec_key(spec, k_len, name)
+    return None if key is _NO_ENTRY else spec[key]
 
 
 def _token_mask(spec, k_len: int, batch: int, device, *, name: str, what: str) -> torch.Tensor | None:
     """(B|1, Lk) bool mask of the tokens a spec selects, or None when the spec is empty."""
-    spec = _resolve(spec, k_len)
+    spec = _resolve(spec, k_len, name)
     if spec is None:
         return None
     t = torch.as_tensor(spec, device=device)
@@ -145,7 +162,7 @@ def token_weights(pool: str | None, k_len: int, batch: int, device, *, content=N
             raise AibaError(f"layer {name!r}: the token selection is empty for some batch item (k_len={k_len})")
         return m / count, mask
     if pool == "softmax":
-        r = _resolve(relevance, k_len)
+        r = _resolve(relevance, k_len, name)
         if r is None:
             raise AibaError(f"layer {name!r}: pool='softmax' needs relevance= scores for the {k_len} keys")
         r = torch.as_tensor(r, device=device, dtype=torch.float32)

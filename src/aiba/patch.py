@@ -87,7 +87,7 @@ def _dispatch(kernel: str, frame, make_inputs: Callable[[], AttnInputs], kind: s
         else:
             k, source = tap.heuristic_kind(lq, lk), "heuristic"
         name = tap.model_paths.get(id(module)) if module is not None else None
-        tap._on_call(kernel, name, k, source, x)
+        tap._on_call(kernel, name, k, source, x, outside=bool(tap.model_paths) and name is None)
 
 
 @contextmanager
@@ -200,7 +200,8 @@ def _mha_shim(self, *args, **kwargs):
         x = mha_inputs(self, query, key, kpm, attn_mask, is_causal)
         kind = "self" if key is query else "cross"
         for tap in taps:
-            tap._on_call("mha", tap.model_paths.get(id(self)), kind, "module", x)
+            name = tap.model_paths.get(id(self))
+            tap._on_call("mha", name, kind, "module", x, outside=bool(tap.model_paths) and name is None)
     return out
 
 
@@ -384,7 +385,9 @@ def combined_patch(*taps: AttnTap, model: nn.Module | None = None) -> Iterator[A
     ``nn.MultiheadAttention.forward``, and, when the program has imported them,
     ``xformers.ops.memory_efficient_attention`` and ``flash_attn.flash_attn_func`` (and every
     module global bound to them, e.g. stable-audio-tools' ``flash_attn_func``).
-    With ``model`` the calls are named by the dotted path of the module that issued them.
+    With ``model`` the calls are named by the dotted path of the module that issued them;
+    calls from outside ``model`` (text encoders, a VAE) are recorded with ``outside=True``
+    and never recomputed.
     Yields the tap (or the tuple of taps).
     """
     if not taps:

@@ -44,7 +44,8 @@ class CallRecord:
     index: int  # order of the call since the last reset
     kind_source: str = "heuristic"  # "module" (decided by module context) or "heuristic" (cross_ratio)
     lattice: tuple[int, int] | None = None  # (T', F') the queries were placed on; None if not mapped
-    captured: bool = True  # False: recorded but not recomputed (filtered by layers/steps)
+    captured: bool = True  # False: recorded but not recomputed (filtered, or outside the model)
+    outside: bool = False  # issued outside the model given to combined_patch(model=)
     probs: torch.Tensor | None = None  # keep="probs": (B_kept, q_len, k_len) float32, CPU
     grid: torch.Tensor | None = None  # keep="calls": (B_kept, target_T, target_F) float32, CPU
 
@@ -109,7 +110,8 @@ class AttnTap:
         prefix_tokens: tokens prepended to the query sequence (stripped before mapping).
         lattices: extra (T', F') candidates tried before the strided ones.
         content: the prompt's content tokens (indices, a bool mask (Lk,) or (B, Lk), or a
-            mapping k_len -> either) for mean/max/softmax pooling; default all keys.
+            mapping from layer pattern (str, fnmatch) or key length (int) to either; layer
+            patterns are tried first) for mean/max/softmax pooling; default all keys.
         tokens: the token subset for pool="subset" (same forms).
         relevance, tau: scores r_j (Lk,) or (B, Lk) (or mapping k_len -> scores) and the
             temperature for pool="softmax".
@@ -282,10 +284,11 @@ class AttnTap:
         return idx
 
     def _pool_weights(self, k_len: int, b: int, device, name: str):
-        key = ("pool", k_len, b, device)
+        spec = self.tokens if self.pool == "subset" else self.content
+        key = ("pool", k_len, b, device, mapping.spec_key(spec, k_len, name))
         hit = self._wcache.get(key)
         if hit is None:
-            if self.pool in ("mean", "softmax") and mapping._resolve(self.content, k_len) is None and k_len not in self._warned:
+            if self.pool in ("mean", "softmax") and mapping._resolve(self.content, k_len, name) is None and k_len not in self._warned:
                 if self.pool == "mean":
                     self._warned.add(k_len)
                     warnings.warn(
@@ -300,15 +303,20 @@ class AttnTap:
         return hit
 
     # --------------------------------------------------------------- capture
-    def _on_call(self, kernel: str, name: str | None, kind: str, kind_source: str, x: AttnInputs) -> CallRecord | None:
-        """Called by the shims for every attention call (after the kernel ran)."""
+    def _on_call(self, kernel: str, name: str | None, kind: str, kind_source: str, x: AttnInputs,
+                 outside: bool = False) -> CallRecord | None:
+        """Called by the shims for every attention call (after the kernel ran).
+
+        ``outside``: the tap was given a model and the call came from elsewhere (a text
+        encoder, the VAE): it is recorded, never recomputed.
+        """
         if kernel not in self.kernels:
             return None
         b, h, lq, lk = x.shape
         name = name if name is not None else self._auto_name(kernel)
-        rec = CallRecord(name, kernel, kind, self.step, lq, lk, h, b, len(self.store), kind_source)
+        rec = CallRecord(name, kernel, kind, self.step, lq, lk, h, b, len(self.store), kind_source, outside=outside)
         self.store.append(rec)
-        if not self._selected(name, kind):
+        if outside or not self._selected(name, kind):
             rec.captured = False
             return rec
         keep_probs = "probs" in self.keep
