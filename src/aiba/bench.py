@@ -26,7 +26,7 @@ JSON schema (``SCHEMA``)::
                        "modes": {MODE: ROW}} | {"backend", "error": str}}}
 
     ROW = {"ms": median, "ms_min", "ms_max", "ms_all": [per repetition],
-           "ratio": ms / ms of "none" (same run),
+           "ratio": ms / ms of "none" (same run), "ratio_min": ms_min / ms_min of "none",
            "peak_mib": device memory high-water of one forward above what was allocated
                        before it (CUDA), null on the CPU (no allocator statistics there),
            "peak_extra_mib": peak_mib - peak_mib of "none" (null on the CPU),
@@ -68,6 +68,7 @@ from .errors import AibaError
 __all__ = [
     "MODES",
     "BACKENDS",
+    "SIZES",
     "SCHEMA",
     "BenchConfig",
     "BenchModel",
@@ -80,6 +81,7 @@ __all__ = [
 
 MODES = ("none", "eager", "eager-all", "aiba-cross", "aiba-all")
 BACKENDS = ("audioldm2", "stable-audio", "generic")
+SIZES = ("tiny", "default", "full")
 SCHEMA = "aiba-bench/1"
 MIB = float(1 << 20)
 # a full AudioLDM2 generation (pipeline default) and a Stable Audio Open one
@@ -93,7 +95,7 @@ class BenchConfig:
     """One benchmark run (the CLI turns its arguments into this)."""
 
     backend: str = "generic"  # "audioldm2" | "stable-audio" | "generic"
-    full_size: bool = False  # the real architectures (random weights) instead of CPU-sized ones
+    size: str = "default"  # "full": the real architectures (random weights); "default": CPU-sized; "tiny": tests
     device: str = "cpu"
     dtype: str | None = None  # "float16" | "bfloat16" | "float32"; None: fp16 on CUDA, fp32 on CPU
     batch: int = 2  # the CFG-doubled batch the pipelines run
@@ -105,6 +107,8 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise AibaError(f"size must be one of {SIZES}, got {self.size!r}")
         if self.backend not in BACKENDS:
             raise AibaError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         bad = [m for m in self.modes if m not in MODES]
@@ -144,25 +148,49 @@ class BenchModel:
 
 
 # ---------------------------------------------------------------- model builders
+_UNET_BLOCKS = dict(down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+                   up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",))
+# size -> (UNet config, T_lat, F_lat, GPT-2 width, T5 width, T5 tokens, model name)
+_AUDIOLDM2 = {
+    # audioldm2 / audioldm2-music UNet (346.9M params), 10.24 s -> latent (B, 8, 256, 16)
+    "full": (dict(sample_size=256, block_out_channels=(128, 256, 384, 640), layers_per_block=2,
+                  cross_attention_dim=([None, 768, 1024],) * 4, attention_head_dim=8), 256, 16, 768, 1024, 20,
+             "audioldm2_unet_10s"),
+    # the same layout (4 levels, 3 with attention, 3 slots each), narrower; 2.56 s latent
+    "default": (dict(sample_size=64, block_out_channels=(32, 64, 64, 96), layers_per_block=1, norm_num_groups=16,
+                     cross_attention_dim=([None, 64, 96],) * 4, attention_head_dim=8), 64, 16, 64, 96, 20,
+                "audioldm2_unet_small"),
+    # tiny: query lengths 64/16/4 never equal a context length (8, 10): eager tags "cross" by length
+    "tiny": (dict(sample_size=16, block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=8,
+                  cross_attention_dim=([None, 16, 24],) * 4, attention_head_dim=2), 16, 4, 16, 24, 10,
+             "audioldm2_unet_tiny"),
+}
+# size -> (DiT config, ((model name, latent frames), ...), context tokens)
+_SAO = {
+    "full": (dict(io_channels=64, embed_dim=1536, depth=24, num_heads=24, cond_token_dim=768, global_cond_dim=1536),
+             (("sao_dit_10s", 216), ("sao_dit_47s", 1024)), 130),
+    # SAO's layout (prepended global token, 130 context tokens, grouped kv heads), narrower
+    "default": (dict(io_channels=16, embed_dim=128, depth=2, num_heads=4, cond_token_dim=64, global_cond_dim=128),
+                (("sao_dit_small_10s", 216), ("sao_dit_small_47s", 1024)), 130),
+    "tiny": (dict(io_channels=8, embed_dim=64, depth=2, num_heads=2, cond_token_dim=32, global_cond_dim=64),
+             (("sao_dit_tiny", 21),), 14),
+}
+_GENERIC = {
+    "full": dict(channels=8, dim=768, depth=12, heads=12, ctx_dim=1024, T=256, F=16, context_tokens=20),
+    "default": dict(channels=8, dim=64, depth=2, heads=4, ctx_dim=32, T=32, F=8, context_tokens=10),
+    "tiny": dict(channels=4, dim=32, depth=2, heads=2, ctx_dim=16, T=8, F=4, context_tokens=6),
+}
+
+
+def _plain(conf: dict) -> dict:
+    return {k: [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v for k, v in conf.items()}
+
+
 def _audioldm2(cfg: BenchConfig) -> list[BenchModel]:
     from diffusers import AudioLDM2UNet2DConditionModel
 
-    if cfg.full_size:
-        # audioldm2 / audioldm2-music UNet (346.9M params), 10.24 s -> latent (B, 8, 256, 16)
-        conf = dict(sample_size=256, in_channels=8, out_channels=8, block_out_channels=(128, 256, 384, 640),
-                    layers_per_block=2, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
-                    up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
-                    cross_attention_dim=([None, 768, 1024],) * 4, attention_head_dim=8)
-        t_lat, f_lat, d_gpt2, d_t5, n_t5, name = 256, 16, 768, 1024, 20, "audioldm2_unet_10s"
-    else:
-        # same block layout (4 levels, 3 with attention, 3 slots each), narrower and shorter:
-        # latent (B, 8, 64, 16) = 2.56 s
-        conf = dict(sample_size=64, in_channels=8, out_channels=8, block_out_channels=(32, 64, 64, 96),
-                    layers_per_block=1, norm_num_groups=16,
-                    down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
-                    up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
-                    cross_attention_dim=([None, 64, 96],) * 4, attention_head_dim=8)
-        t_lat, f_lat, d_gpt2, d_t5, n_t5, name = 64, 16, 64, 96, 20, "audioldm2_unet_small"
+    conf, t_lat, f_lat, d_gpt2, d_t5, n_t5, name = _AUDIOLDM2[cfg.size]
+    conf = dict(conf, in_channels=8, out_channels=8, **_UNET_BLOCKS)
     dev, dt = torch.device(cfg.device), cfg.torch_dtype
     torch.manual_seed(cfg.seed)
     with torch.device(dev):
@@ -175,28 +203,21 @@ def _audioldm2(cfg: BenchConfig) -> list[BenchModel]:
     def fwd():
         return unet(x, t, encoder_hidden_states=e1, encoder_hidden_states_1=e2)
 
-    # pool over 6 "prompt" tokens of each stream (k_len 8 = GPT-2, 20 = T5)
+    # pool over 6 "prompt" tokens of each stream (k_len 8 = GPT-2, n_t5 = T5)
     ctx = {8: list(range(6)), n_t5: list(range(6))}
-    return [BenchModel(name, "audioldm2", "full" if cfg.full_size else "default", unet, fwd, (t_lat, f_lat), 0, ctx,
-                       "uncond_first", {k: list(v) if isinstance(v, tuple) else v for k, v in conf.items()})]
+    return [BenchModel(name, "audioldm2", cfg.size, unet, fwd, (t_lat, f_lat), 0, ctx, "uncond_first",
+                       dict(_plain(conf), gpt2_tokens=8, t5_tokens=n_t5))]
 
 
 def _stable_audio(cfg: BenchConfig) -> list[BenchModel]:
     from stable_audio_tools.models.dit import DiffusionTransformer
 
-    if cfg.full_size:
-        conf = dict(io_channels=64, embed_dim=1536, depth=24, num_heads=24, cond_token_dim=768, global_cond_dim=1536)
-        sizes = (("sao_dit_10s", 216), ("sao_dit_47s", 1024))
-    else:
-        # SAO's layout (prepended global token, 130 context tokens, grouped kv heads), narrower
-        conf = dict(io_channels=16, embed_dim=128, depth=2, num_heads=4, cond_token_dim=64, global_cond_dim=128)
-        sizes = (("sao_dit_small_10s", 216), ("sao_dit_small_47s", 1024))
+    conf, sizes, n_ctx = _SAO[cfg.size]  # n_ctx: T5 tokens + seconds_start + seconds_total (130 in SAO)
     dev, dt = torch.device(cfg.device), cfg.torch_dtype
     torch.manual_seed(cfg.seed)
     with torch.device(dev):
         dit = DiffusionTransformer(project_cond_tokens=False, transformer_type="continuous_transformer",
                                    global_cond_type="prepend", **conf).to(dt).eval()
-    n_ctx = 130  # 128 T5 tokens + seconds_start + seconds_total
     out = []
     for name, frames in sizes:
         with torch.device(dev):
@@ -208,8 +229,8 @@ def _stable_audio(cfg: BenchConfig) -> list[BenchModel]:
         def fwd(x=x, t=t, ctx=ctx, g=g):
             return dit(x, t, cross_attn_cond=ctx, global_embed=g)
 
-        out.append(BenchModel(name, "stable-audio", "full" if cfg.full_size else "default", dit, fwd, (frames,), 1,
-                              {n_ctx: list(range(12))}, "cond_first", dict(conf, frames=frames, context_tokens=n_ctx)))
+        out.append(BenchModel(name, "stable-audio", cfg.size, dit, fwd, (frames,), 1, {n_ctx: list(range(n_ctx - 2))},
+                              "cond_first", dict(conf, frames=frames, context_tokens=n_ctx)))
     return out
 
 
@@ -264,19 +285,16 @@ class GenericDenoiser(nn.Module):
 
 
 def _generic(cfg: BenchConfig) -> list[BenchModel]:
-    if cfg.full_size:
-        conf = dict(channels=8, dim=768, depth=12, heads=12, ctx_dim=1024, T=256, F=16, context_tokens=20)
-    else:
-        conf = dict(channels=8, dim=64, depth=2, heads=4, ctx_dim=32, T=32, F=8, context_tokens=10)
+    conf = _GENERIC[cfg.size]
     dev, dt = torch.device(cfg.device), cfg.torch_dtype
     torch.manual_seed(cfg.seed)
     with torch.device(dev):
         m = GenericDenoiser(conf["channels"], conf["dim"], conf["depth"], conf["heads"], conf["ctx_dim"]).to(dt).eval()
-        x = torch.randn(cfg.batch, conf["channels"], conf["T"], conf["F"], dtype=dt)
+        x = torch.randn(cfg.batch, conf["channels"], conf["T"], conf["F"], dtype=dt)  # (B, C, T, F)
         ctx = torch.randn(cfg.batch, conf["context_tokens"], conf["ctx_dim"], dtype=dt)
     n = conf["context_tokens"]
-    return [BenchModel("generic_" + ("full" if cfg.full_size else "small"), "generic", "full" if cfg.full_size else "default",
-                       m, lambda: m(x, ctx), (conf["T"], conf["F"]), 0, {n: list(range(n // 2))}, "uncond_first", conf)]
+    return [BenchModel(f"generic_{cfg.size}", "generic", cfg.size, m, lambda: m(x, ctx), (conf["T"], conf["F"]), 0,
+                       {n: list(range(n // 2))}, "uncond_first", dict(conf))]
 
 
 _BUILDERS = {"audioldm2": _audioldm2, "stable-audio": _stable_audio, "generic": _generic}
@@ -585,6 +603,7 @@ def bench_model(model: BenchModel, cfg: BenchConfig, log: Callable[[str], None] 
     base = rows["none"]
     for m, row in rows.items():
         row["ratio"] = row["ms"] / base["ms"]
+        row["ratio_min"] = row["ms_min"] / base["ms_min"]  # less sensitive to a busy machine
         row["peak_extra_mib"] = None if row["peak_mib"] is None else row["peak_mib"] - base["peak_mib"]
         row["host_copies_per_step"] = row["host_copies_total"] - base["host_copies_total"]
         row["host_mib_per_step"] = (row["host_bytes_total"] - base["host_bytes_total"]) / MIB
@@ -621,7 +640,7 @@ def _info(cfg: BenchConfig) -> dict:
                 name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
         except OSError:
             pass
-    notes = [f"backend {cfg.backend}, {'full' if cfg.full_size else 'default (CPU-sized)'} models"]
+    notes = []
     if dev.type != "cuda":
         notes.append("peak_mib is null on the CPU: torch keeps no allocator statistics there; run with --device cuda")
         notes.append("host copies on the CPU count the calls that would copy device->host on an accelerator")
@@ -684,7 +703,7 @@ def _run_cli(args) -> int:
     import json
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    cfg = BenchConfig(backend=args.backend, full_size=args.full_size, device=args.device, dtype=args.dtype,
+    cfg = BenchConfig(backend=args.backend, size="full" if args.full_size else args.size, device=args.device, dtype=args.dtype,
                       batch=args.batch, modes=modes, reps=args.reps, warmup=args.warmup, steps=args.steps)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     result = run(cfg, log)
@@ -701,6 +720,8 @@ def register(subparsers) -> None:
                               description=__doc__.splitlines()[0])
     p.add_argument("--backend", choices=BACKENDS, default="generic", help="model family (default generic: torch only)")
     p.add_argument("--full-size", action="store_true", help="the real architectures with random weights (GPU-sized)")
+    p.add_argument("--size", choices=SIZES, default="default",
+                   help="default: CPU-sized (each model's modes in well under a minute); tiny: a smoke test")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help="default: float16 on CUDA, float32 on the CPU")
