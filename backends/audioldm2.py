@@ -273,7 +273,7 @@ def t5_tokens(pipe, prompt: str) -> list:
 
 
 # ------------------------------------------------------------------------- adapter
-from .base import Backend, step_hook, warn_collisions  # noqa: E402
+from .base import Backend, step_hook  # noqa: E402
 
 
 class AudioLDM2Backend(Backend):
@@ -322,9 +322,8 @@ class AudioLDM2Backend(Backend):
         tok = self.pipe.tokenizer_2
         enc = tok(list(prompts), padding=True, truncation=True, max_length=tok.model_max_length, return_tensors="pt")
         mask = enc.attention_mask.bool() & (enc.input_ids != tok.eos_token_id)  # (B, L)
-        k_len = mask.shape[1]
-        warn_collisions(self.name, {"gpt2": self.pipe.language_model.config.max_new_tokens, "t5": k_len})
-        return {k_len: mask}
+        # keyed by the T5 layers' paths: the GPT-2 stream may have as many keys as the prompt
+        return {path: mask for path in self.streams().get("t5", [])}
 
     def tokens(self, prompt: str) -> dict:
         return {"t5": t5_tokens(self.pipe, prompt)}

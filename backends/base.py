@@ -9,15 +9,14 @@ active and advances ``tap.next_step()`` exactly once per denoising step, after i
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiba.errors import AibaError, AibaWarning
+from aiba.errors import AibaError
 
-__all__ = ["Backend", "GenerateResult", "step_hook", "content_rows", "warn_collisions", "require"]
+__all__ = ["Backend", "GenerateResult", "step_hook", "content_rows", "require"]
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,8 @@ class Backend:
         raise NotImplementedError
 
     def content(self, prompts: Sequence[str]) -> dict:
-        """``{k_len: bool mask (B, k_len)}`` of each stream's content (word) tokens."""
+        """``{layer pattern or k_len: bool mask (B, k_len)}`` of each stream's content (word)
+        tokens (layer patterns keep streams with equal key lengths apart)."""
         return {}
 
     def tokens(self, prompt: str) -> dict[str, list[str]]:
@@ -152,19 +152,6 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<aiba backend {self.name!r}: {type(self.denoiser).__name__}>"
-
-
-def warn_collisions(name: str, lengths: dict[str, int]) -> None:
-    """Warn when two streams share a key length: the tap's content is keyed by k_len."""
-    seen: dict[int, str] = {}
-    for stream, k in lengths.items():
-        if k in seen:
-            warnings.warn(
-                f"{name}: streams {seen[k]!r} and {stream!r} both have {k} keys; content tokens keyed by k_len "
-                f"apply to both (read {stream!r} with pool='max' or change the prompt length)",
-                AibaWarning, stacklevel=3,
-            )
-        seen[k] = stream
 
 
 def require(module: str, backend: str, extra: str) -> None:

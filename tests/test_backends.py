@@ -49,9 +49,9 @@ def test_audioldm2_capture_both_streams_and_identical_audio(audioldm2_backend):
     assert plain.maps == {} and cap.latent_shape == (20, 12)
     assert tap.step == 3  # next_step once per denoising step
     assert tap.cfg == "uncond_first" and tap.latent_shape == (20, 12)
-    # T5 content: the five words, not </s>
-    (k_len, mask), = tap.content.items()
-    assert k_len == 6 and mask.tolist() == [[True] * 5 + [False]]
+    # T5 content: the five words, not </s>, keyed by the T5 layers' paths
+    assert set(tap.content) == set(streams["t5"])
+    assert all(mask.tolist() == [[True] * 5 + [False]] for mask in tap.content.values())
     for stream, k in (("gpt2", 8), ("t5", 6)):
         m = cap.maps[stream]
         recs = _records(tap, streams[stream])
@@ -64,7 +64,7 @@ def test_audioldm2_capture_both_streams_and_identical_audio(audioldm2_backend):
         assert torch.isfinite(m.overall).all() and m.overall.abs().sum() > 0
     # text encoders and the VAE ran SDPA outside the UNet: recorded only, never mapped
     outside = [r for r in tap.store if r.name.startswith("sdpa.")]
-    assert outside and not any(r.captured for r in outside)
+    assert outside and not any(r.captured for r in outside) and all(r.outside for r in outside)
 
 
 def test_audioldm2_mean_pool_on_t5_is_not_constant(audioldm2_backend):

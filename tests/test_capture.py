@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aiba import AibaError, AttnTap, combined_patch
-from aiba.patch import flash_attn_inputs, mha_inputs, xformers_inputs
+from aiba.patch import flash_attn_inputs, xformers_inputs
 from aiba.probs import AttnInputs, head_mean_probs
 
 # held in a container: combined_patch rebinds every module global bound to the original
@@ -466,7 +466,7 @@ def test_selection_filters_skip_recompute():
 
 
 def test_diffusers_attention_tagged_by_encoder_states():
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from diffusers.models.attention_processor import Attention
 
     attn1 = Attention(query_dim=16, heads=2, dim_head=8)

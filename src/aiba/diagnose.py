@@ -273,7 +273,7 @@ def format_report(d: Diagnosis) -> str:
     lines += ["", "verdict",
               f"  exposes cross-attention: {'yes' if d.exposes_cross_attention else 'no'}"
               + (f" ({per_step:g} cross calls per step; streams {', '.join(streams)})" if cross else ""),
-              f"  frequency resolution:    "
+              "  frequency resolution:    "
               + ("2-D time x frequency" if d.frequency_resolved
                  else "time only: maps are time profiles (F = 1), never spread over frequency"
                  if d.query_lattice == "time only" else d.query_lattice if d.query_lattice == "unknown"

@@ -11,7 +11,6 @@ not grow with the number of steps.
 from __future__ import annotations
 
 import fnmatch
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
