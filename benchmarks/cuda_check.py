@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     with open(os.path.join(a.out, "cuda_check.json"), "w") as f:
         json.dump(dict(info=info, seconds=time.time() - t0, rows=rows), f, indent=1)
     print(json.dumps(info))
-    print(f"{'kernel':22} {"case":20} {'status':6} {'identical':9} {'max_err':>9}  note")
+    print(f"{'kernel':22} {'case':20} {'status':6} {'identical':9} {'max_err':>9}  note")
     for r in rows:
         err = f"{r['max_err']:.2e}" if "max_err" in r else ""
         print(f"{r['kernel']:22} {r["case"]:20} {r['status']:6} {str(r.get('identical', '')):9} {err:>9}  {r.get('note', '')}")
