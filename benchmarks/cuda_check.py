@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     print(f"{'kernel':22} {'case':20} {'status':6} {'identical':9} {'max_err':>9}  note")
     for r in rows:
         err = f"{r['max_err']:.2e}" if "max_err" in r else ""
-        print(f"{r['kernel']:22} {r["case"]:20} {r['status']:6} {str(r.get('identical', '')):9} {err:>9}  {r.get('note', '')}")
+        print(f"{r['kernel']:22} {r['case']:20} {r['status']:6} {str(r.get('identical', '')):9} {err:>9}  {r.get('note', '')}")
     failed = [r for r in rows if r["status"] == "FAIL"]
     print(f"{len(rows) - len(failed)} ok or n/a, {len(failed)} failed")
     return 1 if failed else 0
