@@ -193,7 +193,15 @@ def test_all_attention_and_subset_pooling(tmp_path, backend):
     assert report(run, figures=False)["table3"]["values"]["Bass"]["Precision"] >= 0
 
 
-def test_instrument_tokens_and_plan():
+def test_instrument_tokens_prompts_and_plan(tmp_path):
+    from aiba.evaluate import load_prompts
+
+    (tmp_path / "p.yaml").write_text("templates: ['{instrument} solo']\ninstruments: {guitars: electric guitar}\n")
+    templates, words = load_prompts(tmp_path / "p.yaml")
+    assert templates == ("{instrument} solo",) and dict(words)["Guitars"] == "electric guitar"
+    (tmp_path / "bad.yaml").write_text("- no placeholder\n")
+    with pytest.raises(AibaError, match="instrument"):
+        EvalConfig(templates=load_prompts(tmp_path / "bad.yaml")[0])
     assert instrument_token_indices(["a", "solo", "bass", "recording", "</s>"], "bass") == [2]
     assert instrument_token_indices(["▁an", "▁electric", "▁vio", "lin", "</s>"], "violin") == [2, 3]
     assert instrument_token_indices(["Ġbass", "Ġguitar"], "bass guitar") == [0, 1]

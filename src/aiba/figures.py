@@ -115,7 +115,7 @@ def make_figures(run, cfg, recs: list[dict], maps: np.ndarray, arrays: dict) -> 
         _show(axes[row, 0], _norm(maps[i]), sec, f"{c}: \"{r['prompt']}\" (seed {r['seed']})", gts[i])
         _show(axes[row, 1], _norm(maps[idx].mean(0)), sec, f"{c}: mean attention over {idx.size} samples",
               gts[idx].mean(0) >= 0.5, label_y=False)
-        _show(axes[row, 2], gts[i].astype(float), sec, f"{c}: ground truth ({cfg.gt})", cmap="gray", label_y=False)
+        _show(axes[row, 2], gts[i].astype(float), sec, f"{c}: ground truth ({cfg.gt}; white = in band)", cmap="gray", label_y=False)
         _show(axes[row, 3], 10 * np.log10(mels[i] + 1e-10), sec, f"{c}: generated clip, mel energy (dB)",
               gts[i], cmap="viridis", label_y=False)
     fig.suptitle(f"Attention vs ground truth (white outline) — {setting}", fontsize=11)
