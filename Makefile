@@ -2,6 +2,6 @@
 setup:
 	bash scripts/setup.sh
 demo: setup
-	.venv/bin/aiba demo
+	.venv/bin/aiba eval --tiny --out runs/tiny
 test: setup
 	.venv/bin/python -m pytest -q
