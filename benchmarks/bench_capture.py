@@ -4,7 +4,7 @@ On a CUDA machine: float16, batch 2, the full-size AudioLDM2 UNet (10.24 s laten
 Stable Audio Open DiT (10 s = 216 frames, 47.55 s = 1024 frames), random weights, all modes.
 On a CPU machine: the default CPU-sized models. Installs nothing; a backend whose library
 is missing is recorded as an error and skipped. Prints a short table last and writes
-``bench-<device>-<date>.json`` under ``--out`` (default ``$OUT``, else benchmarks/results).
+``<cuda|cpu>-<date>.json`` under ``--out`` (default ``$OUT``, else benchmarks/results).
 
     python benchmarks/bench_capture.py                 # GPU if there is one, else CPU
     python benchmarks/bench_capture.py --device cpu --reps 5 --out /tmp
@@ -40,9 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="default: 3 on CUDA, 1 on the CPU")
     ap.add_argument("--steps", type=int, default=4, help="steps run to measure the capture state")
     ap.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's; 1 gives steadier CPU timings on a shared machine)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args(argv)
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     on_cuda = torch.device(a.device).type == "cuda"
     full = on_cuda if a.full_size is None else a.full_size
     reps = a.reps if a.reps is not None else (10 if on_cuda else 5)
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench-{'cuda' if on_cuda else 'cpu'}-{datetime.date.today().isoformat()}.json"
+    path = out / f"{'cuda' if on_cuda else 'cpu'}-{datetime.date.today().isoformat()}.json"
     path.write_text(json.dumps(result, indent=1))
     log(f"wrote {path}")
     print(bench.format_table(result))

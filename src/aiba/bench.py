@@ -695,6 +695,15 @@ def format_table(result: dict) -> str:
             lines.append(f"{name:22} {mode:10} {r['ms']:9.2f} {r['ratio']:6.2f} {_fmt(r['peak_extra_mib'], '8.1f')} "
                          f"{r['state_mib']:8.3f} {r['state_mib_200']:8.2f} {r['host_copies_per_step']:8d} "
                          f"{r['host_mib_per_step']:7.2f} {r['captured_calls']:5d}")
+    proj = {}
+    for mr in result["models"].values():
+        for mode, r in mr.get("modes", {}).items():
+            v = r.get("state_mib_200_audioldm2")
+            if v is not None and (mode not in proj or mr["backend"] == "audioldm2" and mr["size"] == "full"):
+                proj[mode] = (v, "measured" if mr["backend"] == "audioldm2" and mr["size"] == "full" else "projected")
+    if proj:
+        lines.append("state of a 200-step full-size AudioLDM2 run (target <= 64 MiB): " + ", ".join(
+            f"{m} {v:.2f} MiB ({how})" for m, (v, how) in proj.items()))
     return "\n".join(lines)
 
 
@@ -706,6 +715,8 @@ def _run_cli(args) -> int:
     cfg = BenchConfig(backend=args.backend, size="full" if args.full_size else args.size, device=args.device, dtype=args.dtype,
                       batch=args.batch, modes=modes, reps=args.reps, warmup=args.warmup, steps=args.steps)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = run(cfg, log)
     if args.json:
         with open(args.json, "w") as f:
@@ -730,6 +741,8 @@ def register(subparsers) -> None:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per mode, interleaved (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards per mode first (default 1)")
     p.add_argument("--steps", type=int, default=4, help="steps run to measure the capture state (default 4)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 gives steadier CPU timings on a shared machine)")
     p.add_argument("--json", default=None, help="write the results here (schema: aiba.bench.SCHEMA)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_run_cli)
