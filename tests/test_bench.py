@@ -175,7 +175,8 @@ def test_cli_writes_json_and_table(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert set(data["models"]["generic_tiny"]["modes"]) == {"none", "aiba-cross"}
     table = capsys.readouterr().out.strip().splitlines()
-    assert table[-1].split()[:2] == ["generic_tiny", "aiba-cross"]
+    assert table[-2].split()[:2] == ["generic_tiny", "aiba-cross"]
+    assert table[-1].startswith("state of a 200-step full-size AudioLDM2 run") and "aiba-cross 1.00 MiB" in table[-1]
 
 
 @pytest.mark.parametrize("backend, module", [("audioldm2", "diffusers"), ("stable-audio", "stable_audio_tools")])

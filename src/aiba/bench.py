@@ -41,7 +41,9 @@ JSON schema (``SCHEMA``)::
            "state_grows": state_mib > state_mib_2,
            "state_mib_200": projected state of a 200-step run of this model,
            "records_200": CallRecords a 200-step run leaves in tap.store (host objects),
-           "enter_ms": time to enter + leave the capture block once}
+           "enter_ms": time to enter + leave the capture block once,
+           "host_copies_total", "host_bytes_total": the raw counts of one forward (before
+                       subtracting "none"), "layers": per-layer sums the tap holds}
 
 For the aiba modes the result also carries ``state_mib_200_audioldm2``: the state of a
 200-step run of the full-size AudioLDM2 UNet (measured when that model is benchmarked,
@@ -309,7 +311,9 @@ def build_models(cfg: BenchConfig) -> list[BenchModel]:
 def _rebound(orig) -> list[tuple[object, str]]:
     """(module, name) of every module global bound to ``orig`` (``from F import sdpa`` style)."""
     out = []
-    for mod in list(sys.modules.values()):
+    for modname, mod in list(sys.modules.items()):
+        if modname == "aiba" or modname.startswith("aiba."):
+            continue  # aiba's own references to the original kernel stay as they are
         d = getattr(mod, "__dict__", None)
         if isinstance(d, dict):
             out += [(mod, k) for k, v in list(d.items()) if v is orig]
@@ -666,9 +670,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, result: d
         log(f"{m.name}: {m.params / 1e6:.1f}M params, latent {m.latent_shape}")
         try:
             result["models"][m.name] = bench_model(m, cfg, log)
-        except Exception as e:
-            if isinstance(e, AibaError):
-                raise
+        except Exception as e:  # recorded, so one failing model does not lose the others
             result["models"][m.name] = dict(backend=m.backend, error=f"{type(e).__name__}: {str(e)[:500]}")
         log(f"{m.name}: {time.perf_counter() - t0:.1f} s")
         if torch.device(cfg.device).type == "cuda":
