@@ -295,3 +295,15 @@ def test_calls_outside_the_model_are_recorded_not_recomputed():
         model()
     assert [(r.outside, r.captured, r.probs is not None) for r in tap.store] == [
         (True, False, False), (False, True, True), (False, True, True)]
+
+
+def test_keep_steps_matches_per_call_grids():
+    model = PlantedCrossAttention(sharpness=2.0)
+    tap = AttnTap(12, 10, pool="mean", latent_shape=(9, 7), content=[1, 2, 3, 4], keep=("calls", "steps"))
+    _run_steps(tap, model, 4)
+    steps, maps = tap.step_maps()
+    assert steps == [0, 1, 2, 3] and maps.shape == (4, 1, 12, 10)
+    for s, m in zip(steps, maps):
+        torch.testing.assert_close(m, torch.stack([r.grid for r in tap.store if r.step == s]).mean(0))
+    with pytest.raises(AibaError, match='keep="steps"'):
+        AttnTap(latent_shape=(9, 7)).step_maps()

@@ -540,23 +540,19 @@ def _make_tap(ctx: _Ctx, sample: Sample):
     layers = tuple(p for pats in ctx.streams.values() for p in pats)
     kinds = ("cross",) if cfg.kinds == "cross" else ("cross", "self")
     weights = "late" if cfg.weights == "late" else "uniform"
-    return AttnTap(T, F, pool=cfg.pool, kinds=kinds, layers=layers, keep="calls", tokens=tokens,
+    return AttnTap(T, F, pool=cfg.pool, kinds=kinds, layers=layers, keep="steps", tokens=tokens,
                    relevance=relevance if cfg.pool == "softmax" else None, aggregate=cfg.aggregate,
                    weights=weights, gamma=cfg.gamma)
 
 
-def _step_maps(tap, layers: set, n_keep: int):
-    """Per-step maps from the kept call grids: (S, T, F) mean over the scored layers' calls."""
-    by_step: dict = {}
-    for rec in tap.store:
-        if rec.grid is not None and rec.name in layers:
-            by_step.setdefault(rec.step, []).append(rec.grid[0])
-    steps = sorted(by_step)
-    if not steps:
-        raise AibaError("no per-call grids kept (keep='calls')")
-    maps = np.stack([np.stack([g.numpy() for g in by_step[s]]).mean(0) for s in steps])  # (S, T, F)
+def _step_maps(tap, n_keep: int):
+    """Per-step maps (keep="steps", held on the device during generation): steps, (S, F)
+    frequency profiles, the kept step indices and their (K, T, F) maps."""
+    steps, maps = tap.step_maps()  # (S, B, T, F)
+    maps = maps[:, 0].numpy()  # (S, T, F)
+    steps = np.asarray(steps)
     keep = np.unique(np.linspace(0, len(steps) - 1, max(1, min(n_keep, len(steps)))).round().astype(int))
-    return np.asarray(steps), maps.mean(axis=1), keep, maps[keep]  # steps, (S, F) profiles, idx, (K, T, F)
+    return steps, maps.mean(axis=1), keep, maps[keep]  # steps, (S, F) profiles, idx, (K, T, F)
 
 
 def _run_sample(ctx: _Ctx, sample: Sample) -> dict:
@@ -572,7 +568,7 @@ def _run_sample(ctx: _Ctx, sample: Sample) -> dict:
     names = sorted(maps.layers)
     m = maps.overall[0].numpy().astype(np.float32)  # (T, F)
     layer_maps = np.stack([maps.layers[n][0].numpy() for n in names]).astype(np.float32)  # (L, T, F)
-    steps, step_prof, keep_idx, step_maps = _step_maps(tap, set(names), cfg.step_maps)
+    steps, step_prof, keep_idx, step_maps = _step_maps(tap, cfg.step_maps)
     audio = np.asarray(res.audio)[0]
     if audio.ndim > 1:
         audio = audio.mean(axis=0)  # (channels, n) -> mono

@@ -25,7 +25,7 @@ __all__ = ["AttnTap", "CallRecord", "TapMaps", "KINDS", "KERNELS"]
 
 KINDS = ("cross", "self")
 KERNELS = ("sdpa", "mha", "xformers", "flash_attn")
-KEEP = ("calls", "probs")
+KEEP = ("calls", "probs", "steps")
 
 
 @dataclass(slots=True)
@@ -101,8 +101,10 @@ class AttnTap:
         layers: fnmatch patterns on the layer name; calls elsewhere get a record only.
         steps: (start, stop) range of steps to capture, stop exclusive; None = all.
         kernels: which kernel shims feed this tap.
-        keep: None, "calls" (each call's grid map on its record), "probs" (each call's exact
-            head-averaged probabilities (B, q_len, k_len) on its record), or both.
+        keep: None, or any of "calls" (each call's grid map on its record, copied to the
+            CPU per call), "probs" (each call's exact head-averaged probabilities
+            (B, q_len, k_len) on its record), "steps" (per-step maps averaged over the step's
+            calls, held on the device: :meth:`step_maps`; grows by one map per step).
         budget_bytes: cap on the fp32 temporaries of one recompute chunk.
         latent_shape: (T, F) of the denoiser latent (time, frequency), or (T,) for a
             time-only latent; None = record only, no maps.
@@ -229,6 +231,7 @@ class AttnTap:
         self.store: list[CallRecord] = []
         self.step = 0
         self._acc: dict[str, _LayerAcc] = {}
+        self._steps: dict[int, list] = {}  # keep="steps": step -> [sum of grids, calls]
         self._order: dict[str, int] = {}
         self._warned: set = set()
 
@@ -243,8 +246,20 @@ class AttnTap:
         return self.latent_shape is not None and len(self.latent_shape) == 2
 
     def state_bytes(self) -> int:
-        """Bytes of the streaming state held on the device (per-layer running sums)."""
-        return sum(a.total.numel() * a.total.element_size() for a in self._acc.values())
+        """Bytes of the state held on the device (per-layer running sums, and per-step maps
+        with keep="steps")."""
+        held = [a.total for a in self._acc.values()] + [v[0] for v in self._steps.values()]
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def step_maps(self) -> tuple[list[int], torch.Tensor]:
+        """keep="steps": (steps, maps (S, B, T, F) on the CPU), each the mean of that step's
+        captured calls (restrict which layers enter with the tap's ``layers=``)."""
+        if "steps" not in self.keep:
+            raise AibaError('per-step maps need AttnTap(keep="steps")')
+        if not self._steps:
+            raise AibaError("no captured calls to map")
+        steps = sorted(self._steps)
+        return steps, torch.stack([self._steps[s][0] / self._steps[s][1] for s in steps]).float().cpu()
 
     # ------------------------------------------------------------- selection
     def _auto_name(self, kernel: str) -> str:
@@ -353,6 +368,13 @@ class AttnTap:
             grid = mapping.resize(mapping.to_lattice(values, rec.lattice), size, self.padding)  # (B, [Lk,] T, F)
             if "calls" in self.keep:
                 rec.grid = grid.cpu()
+            if "steps" in self.keep:
+                held = self._steps.get(rec.step)
+                if held is None:
+                    self._steps[rec.step] = [grid.clone(), 1]
+                else:
+                    held[0].add_(grid)
+                    held[1] += 1
             self._fold(name, grid, rec.step)
         return rec
 
