@@ -81,7 +81,7 @@ def check_sdpa(device):
                     with combined_patch(tap):
                         out = F.scaled_dot_product_attention(q, k, v, **kw)
             except RuntimeError as e:  # this backend does not take this case
-                rows.append(dict(row, status="n/a", note=str(e).splitlines()[0][:80]))
+                rows.append(dict(row, status="n/a", note=_note(e)))
                 continue
             err = (tap.store[0].probs.double() - reference(q, k, m, "top_left" if causal else None).cpu()).abs().max().item()
             ok = torch.equal(out, expected) and err < TOL[dtype]
@@ -89,58 +89,57 @@ def check_sdpa(device):
     return rows
 
 
+def _note(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]
+
+
+def _check_bshd(kernel: str, case: str, fn, q, k, v, causal: str | None, **kw) -> dict:
+    """One (B, S, H, D) kernel call: captured output identical, probabilities exact."""
+    try:
+        expected = fn(q, k, v, **kw)
+        tap = AttnTap(kinds=("cross", "self"), keep="probs")
+        with combined_patch(tap):
+            out = fn(q, k, v, **kw)
+    except Exception as e:  # no operator for this device / build
+        return dict(kernel=kernel, case=case, status="n/a", note=_note(e))
+    ref = reference(q.transpose(1, 2), k.transpose(1, 2), None, causal)
+    err = (tap.store[0].probs.double() - ref.cpu()).abs().max().item()
+    same = torch.equal(out, expected)
+    return dict(kernel=kernel, case=case, status="ok" if same and err < 2e-3 else "FAIL", identical=same, max_err=err)
+
+
+def _bshd(g, device, lq, lk, h, hk):
+    q = torch.randn(2, lq, h, 64, generator=g).to(device, torch.float16)
+    k = torch.randn(2, lk, hk, 64, generator=g).to(device, torch.float16)
+    return q, k, torch.randn_like(k)
+
+
 def check_xformers(device):
     try:
         import xformers.ops as xo
         from xformers.ops.fmha.attn_bias import LowerTriangularMask
     except Exception as e:  # not installed, or built for another torch
-        return [dict(kernel="xformers", case="import", status="n/a", note=f"{type(e).__name__}: {str(e).splitlines()[0]}"[:120])]
-    rows = []
+        return [dict(kernel="xformers", case="import", status="n/a", note=_note(e))]
     g = torch.Generator(device="cpu").manual_seed(1)
-    for name, bias in [("cross", None), ("causal", LowerTriangularMask())]:
-        lk = 77 if bias is None else 256
-        q = torch.randn(2, 256 if bias is not None else 1024, 8, 64, generator=g).to(device, torch.float16)
-        k = torch.randn(2, lk, 8, 64, generator=g).to(device, torch.float16)
-        v = torch.randn_like(k)
-        try:
-            expected = xo.memory_efficient_attention(q, k, v, attn_bias=bias)
-            tap = AttnTap(kinds=("cross", "self"), keep="probs")
-            with combined_patch(tap):
-                out = xo.memory_efficient_attention(q, k, v, attn_bias=bias)
-        except Exception as e:
-            rows.append(dict(kernel="xformers", case=name, status="n/a", note=f"{type(e).__name__}: {str(e).splitlines()[0]}"[:120]))
-            continue
-        ref = reference(q.transpose(1, 2), k.transpose(1, 2), None, "top_left" if bias is not None else None)
-        err = (tap.store[0].probs.double() - ref.cpu()).abs().max().item()
-        ok = torch.equal(out, expected) and err < 2e-3
-        rows.append(dict(kernel="xformers", case=name, status="ok" if ok else "FAIL", identical=torch.equal(out, expected), max_err=err))
-    return rows
+    return [
+        _check_bshd("xformers", "cross", xo.memory_efficient_attention, *_bshd(g, device, 1024, 77, 8, 8), None),
+        _check_bshd("xformers", "causal", xo.memory_efficient_attention, *_bshd(g, device, 256, 256, 8, 8), "top_left",
+                    attn_bias=LowerTriangularMask()),
+    ]
 
 
 def check_flash_attn(device):
     try:
         import flash_attn
     except Exception as e:
-        return [dict(kernel="flash_attn", case="import", status="n/a", note=f"{type(e).__name__}: {str(e).splitlines()[0]}"[:120])]
+        return [dict(kernel="flash_attn", case="import", status="n/a", note=_note(e))]
     g = torch.Generator(device="cpu").manual_seed(2)
-    rows = []
-    for name, lq, lk, hk, causal in [("cross", 1025, 130, 8, False), ("causal-br", 200, 300, 8, True), ("gqa", 512, 512, 4, False)]:
-        q = torch.randn(2, lq, 8, 64, generator=g).to(device, torch.float16)
-        k = torch.randn(2, lk, hk, 64, generator=g).to(device, torch.float16)
-        v = torch.randn_like(k)
-        try:
-            expected = flash_attn.flash_attn_func(q, k, v, causal=causal)
-            tap = AttnTap(kinds=("cross", "self"), keep="probs")
-            with combined_patch(tap):
-                out = flash_attn.flash_attn_func(q, k, v, causal=causal)
-        except Exception as e:
-            rows.append(dict(kernel="flash_attn", case=name, status="n/a", note=f"{type(e).__name__}: {str(e).splitlines()[0]}"[:120]))
-            continue
-        ref = reference(q.transpose(1, 2), k.transpose(1, 2), None, "bottom_right" if causal else None)
-        err = (tap.store[0].probs.double() - ref.cpu()).abs().max().item()
-        ok = torch.equal(out, expected) and err < 2e-3
-        rows.append(dict(kernel="flash_attn", case=name, status="ok" if ok else "FAIL", identical=torch.equal(out, expected), max_err=err))
-    return rows
+    fn = flash_attn.flash_attn_func
+    return [
+        _check_bshd("flash_attn", "cross", fn, *_bshd(g, device, 1025, 130, 8, 8), None),
+        _check_bshd("flash_attn", "causal-br", fn, *_bshd(g, device, 200, 300, 8, 8), "bottom_right", causal=True),
+        _check_bshd("flash_attn", "gqa", fn, *_bshd(g, device, 512, 512, 8, 4), None),
+    ]
 
 
 def main(argv=None) -> int:

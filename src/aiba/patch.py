@@ -10,6 +10,7 @@ nested blocks add taps; outside every block no aiba code runs.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -124,14 +125,22 @@ def _sdpa_inputs(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     return AttnInputs(q, k, scale=scale, bias=bias, causal="top_left" if is_causal else None)
 
 
+def _make_shim(kernel: str, orig, to_inputs):
+    """A drop-in for a functional kernel: call ``orig`` with the caller's exact arguments,
+    return its output untouched, then hand the call to the active taps."""
+
+    @functools.wraps(orig)
+    def shim(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        if _ACTIVE.get() and not _INSIDE.get():
+            _dispatch(kernel, sys._getframe(1), lambda: to_inputs(*args, **kwargs))
+        return out
+
+    return shim
+
+
 _ORIG_SDPA = F.scaled_dot_product_attention
-
-
-def _sdpa_shim(*args, **kwargs):
-    out = _ORIG_SDPA(*args, **kwargs)
-    if _ACTIVE.get() and not _INSIDE.get():
-        _dispatch("sdpa", sys._getframe(1), lambda: _sdpa_inputs(*args, **kwargs))
-    return out
+_sdpa_shim = _make_shim("sdpa", _ORIG_SDPA, _sdpa_inputs)
 
 
 # ---------------------------------------------------------------------- MHA
@@ -231,17 +240,6 @@ def xformers_inputs(query, key, value=None, attn_bias=None, p=0.0, scale=None, *
     return AttnInputs(q, k, scale=scale, bias=bias)
 
 
-def _make_xformers_shim(orig):
-    def memory_efficient_attention(*args, **kwargs):
-        out = orig(*args, **kwargs)
-        if _ACTIVE.get() and not _INSIDE.get():
-            _dispatch("xformers", sys._getframe(1), lambda: xformers_inputs(*args, **kwargs))
-        return out
-
-    memory_efficient_attention.__wrapped__ = orig
-    return memory_efficient_attention
-
-
 # --------------------------------------------------------------- flash_attn
 def flash_attn_inputs(q, k, v=None, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                       softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, **_) -> AttnInputs:
@@ -257,17 +255,6 @@ def flash_attn_inputs(q, k, v=None, dropout_p=0.0, softmax_scale=None, causal=Fa
     window = tuple(int(w) for w in window_size) if window_size is not None else (-1, -1)
     return AttnInputs(q4, k4, scale=softmax_scale, bias=bias, causal="bottom_right" if causal else None,
                       window=window, softcap=float(softcap or 0.0))
-
-
-def _make_flash_shim(orig):
-    def flash_attn_func(*args, **kwargs):
-        out = orig(*args, **kwargs)
-        if _ACTIVE.get() and not _INSIDE.get():
-            _dispatch("flash_attn", sys._getframe(1), lambda: flash_attn_inputs(*args, **kwargs))
-        return out
-
-    flash_attn_func.__wrapped__ = orig
-    return flash_attn_func
 
 
 # ------------------------------------------------------------ patch table
@@ -306,11 +293,11 @@ def _targets() -> list[_Target]:
     xops = _optional("xformers.ops")
     if xops is not None and hasattr(xops, "memory_efficient_attention"):
         orig = xops.memory_efficient_attention
-        out += _rebinders(orig, _make_xformers_shim(orig))
+        out += _rebinders(orig, _make_shim("xformers", orig, xformers_inputs))
     fa = _optional("flash_attn")
     if fa is not None and hasattr(fa, "flash_attn_func"):
         orig = fa.flash_attn_func
-        out += _rebinders(orig, _make_flash_shim(orig))
+        out += _rebinders(orig, _make_shim("flash_attn", orig, flash_attn_inputs))
     return out
 
 
