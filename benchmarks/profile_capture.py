@@ -55,6 +55,7 @@ class StageTimer:
                 timer.ms[stage].append((timer.fwd, (time.perf_counter() - t0) * 1e3))
                 return out
 
+        self.ms.setdefault(stage, [])  # listed even when never reached (e.g. bound into a closure)
         return _patch(owner, attr, wrapped)
 
     def wrap_on_call(self, cls):
@@ -166,6 +167,9 @@ def main(argv=None) -> int:
         print(f"{k:42} {v:8.2f} {c:6d} {1e3 * v / max(c, 1):8.1f}")
     for k, (v, c) in sorted(on_call.items()):
         print(f"{k:42} {v:8.2f} {c:6d} {1e3 * v / max(c, 1):8.1f}")
+    missed = [k for k, v in timer.ms.items() if not v]
+    if missed:
+        print("not observed (the capture path no longer calls these through their module): " + ", ".join(missed))
     print(f"{'unattributed (overhead - stages above)':42} {mc - mn - sum(per_fwd.values()):8.2f}")
     return 0
 
