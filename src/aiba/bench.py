@@ -53,13 +53,12 @@ else the measured bytes per captured layer times that UNet's layer count).
 from __future__ import annotations
 
 import contextlib
-import math
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F

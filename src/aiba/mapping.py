@@ -182,7 +182,7 @@ def pool_queries(a: torch.Tensor, pool: str | None, weights: torch.Tensor | None
         if mask is not None:
             a = a.masked_fill(~mask[:, None, :], float("-inf"))
         return a.amax(dim=-1)  # (B, c)
-    return torch.einsum("bck,bk->bc", a, weights.expand(a.shape[0], -1))  # (B, c)
+    return torch.matmul(a, weights.expand(a.shape[0], -1).unsqueeze(-1)).squeeze(-1)  # (B, c, 1) -> (B, c)
 
 
 def fit_layer_weights(layer_maps: Mapping[str, torch.Tensor] | Sequence[torch.Tensor], targets) -> dict | torch.Tensor:

@@ -59,16 +59,15 @@ class AttnInputs:
         b, h, lq, _ = self.q.shape
         return b, h, lq, self.k.shape[-2]
 
-    def select_batch(self, index: torch.Tensor | None) -> "AttnInputs":
-        """The same call restricted to batch items ``index`` (e.g. the conditional CFG half)."""
-        if index is None:
+    def select_batch(self, rows: slice | None) -> "AttnInputs":
+        """The same call restricted to batch items ``rows`` (e.g. the conditional CFG half):
+        views, no copies."""
+        if rows is None:
             return self
         bias = self.bias
         if bias is not None and bias.dim() == 4 and bias.shape[0] != 1:
-            bias = bias.index_select(0, index.to(bias.device))
-        idx = index.to(self.q.device)
-        return AttnInputs(self.q.index_select(0, idx), self.k.index_select(0, idx), self.scale, bias,
-                          self.causal, self.window, self.softcap)
+            bias = bias[rows]
+        return AttnInputs(self.q[rows], self.k[rows], self.scale, bias, self.causal, self.window, self.softcap)
 
 
 def chunk_rows(batch: int, heads: int, k_len: int, budget_bytes: int) -> int:
@@ -116,6 +115,8 @@ def head_mean_chunks(x: AttnInputs, budget_bytes: int = 64 << 20) -> Iterator[tu
             raise AibaError(f"attention mask {tuple(x.bias.shape)} does not broadcast to (B, H, Lq, Lk) = {(b, h, lq, lk)}")
         # grouped view (B|1, Hk|1, g|1, Lq|1, Lk|1) matching the score layout below
         bias = bias.reshape(bb, hk, g, *bias.shape[-2:]) if bh == h else bias.unsqueeze(2)
+    # only a mask or a causal/local window can leave a row with no key (softmax -> NaN)
+    maskable = bias is not None or x.causal is not None or max(x.window) >= 0
     with torch.no_grad():
         kt = x.k.float().transpose(-1, -2).unsqueeze(2)  # (B, Hk, 1, E, Lk)
         q5 = x.q.view(b, hk, g, lq, -1)  # (B, Hk, g, Lq, E)
@@ -133,7 +134,9 @@ def head_mean_chunks(x: AttnInputs, budget_bytes: int = 64 << 20) -> Iterator[tu
             allowed = _position_mask(x.causal, x.window, torch.arange(start, stop, device=scores.device), lq, lk)
             if allowed is not None:
                 scores.masked_fill_(~allowed, float("-inf"))
-            probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # fully masked rows -> 0
+            probs = torch.softmax(scores, dim=-1)
+            if maskable:
+                probs.nan_to_num_(0.0)  # fully masked rows -> 0
             del scores
             yield start, stop, probs.mean(dim=(1, 2))  # (B, c, Lk)
 

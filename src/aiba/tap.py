@@ -280,22 +280,18 @@ class AttnTap:
             return False
         return True
 
-    def _batch_index(self, b: int, name: str, device) -> torch.Tensor | None:
+    def _batch_rows(self, b: int, name: str) -> slice | None:
+        """The batch rows to keep: the CFG half the tap was asked for, or None for all."""
         if self.cfg is None or self.batch == "all":
             return None
-        key = ("batch", b, device)
-        idx = self._wcache.get(key)
-        if idx is None:
-            if b % 2:
-                raise AibaError(
-                    f"layer {name!r}: batch {b} is odd but the tap was told the batch is CFG-doubled (cfg={self.cfg!r}); "
-                    "set cfg=None or batch='all'"
-                )
-            half = b // 2
-            first = (self.cfg == "cond_first") == (self.batch == "cond")
-            idx = torch.arange(0, half, device=device) if first else torch.arange(half, b, device=device)
-            self._wcache[key] = idx
-        return idx
+        if b % 2:
+            raise AibaError(
+                f"layer {name!r}: batch {b} is odd but the tap was told the batch is CFG-doubled (cfg={self.cfg!r}); "
+                "set cfg=None or batch='all'"
+            )
+        half = b // 2
+        first = (self.cfg == "cond_first") == (self.batch == "cond")
+        return slice(0, half) if first else slice(half, b)
 
     def _pool_weights(self, k_len: int, b: int, device, name: str):
         spec = self.tokens if self.pool == "subset" else self.content
@@ -338,7 +334,7 @@ class AttnTap:
         if not (keep_probs or mapped):
             return rec  # a record is all that was asked for: nothing to recompute
         device = x.q.device
-        x = x.select_batch(self._batch_index(b, name, device))
+        x = x.select_batch(self._batch_rows(b, name))
         bk = x.shape[0]
         probs = torch.empty(bk, lq, lk, dtype=torch.float32, device=device) if keep_probs else None
         cross = kind == "cross"
