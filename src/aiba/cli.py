@@ -1,4 +1,6 @@
-"""``aiba`` command line: turns arguments into settings and calls the library.
+"""aiba: capture attention in text-to-audio diffusion models and score it against instrument bands.
+
+The command line turns arguments into settings and calls the library.
 
 Each sub-command lives in its own module exposing ``register(subparsers)``; the module
 sets ``func`` on its parser. Modules are imported lazily so ``aiba --help`` stays fast.
