@@ -159,3 +159,28 @@ def test_recompute_memory_stays_near_budget():
     # temporaries: scores + softmax within the budget, plus the fp32 copy of k and one chunk
     # of q (measured: ~18.4 MiB for a 16 MiB budget)
     assert m["extra"] < 1.5 * m["budget"] + (4 << 20), m
+
+
+def test_same_tap_nested_records_each_call_once():
+    tap = AttnTap(kinds=("self",), keep="probs")
+    with combined_patch(tap):
+        with combined_patch(tap):
+            assert active_taps() == (tap,)
+            _call()
+        _call()
+    assert len(tap.store) == 2 and [r.index for r in tap.store] == [0, 1]
+
+
+def test_module_imported_inside_the_block_gets_the_original_back():
+    import types
+
+    name = "aiba_test_late_import"
+    with combined_patch(AttnTap()):
+        late = types.ModuleType(name)
+        late.sdpa = F.scaled_dot_product_attention  # `from torch.nn.functional import ...` while patched
+        sys.modules[name] = late
+        assert late.sdpa is not ORIG["sdpa"]
+    try:
+        assert late.sdpa is ORIG["sdpa"]
+    finally:
+        del sys.modules[name]

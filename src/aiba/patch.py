@@ -37,7 +37,7 @@ _INSIDE: ContextVar[bool] = ContextVar("aiba_inside_kernel", default=False)
 # forward arguments that carry the cross-attention context in known attention modules
 # (diffusers Attention: encoder_hidden_states; stable-audio-tools Attention: context)
 _CONTEXT_ARGS = ("encoder_hidden_states", "context")
-_MAX_FRAMES = 16
+_MAX_FRAMES = 64  # frames walked up from a kernel call to find the module that issued it
 
 
 def active_taps() -> tuple[AttnTap, ...]:
@@ -344,8 +344,26 @@ def _patched() -> Iterator[None]:
         with _LOCK:
             _PATCHED["depth"] -= 1
             if _PATCHED["depth"] == 0:
-                stack, _PATCHED["stack"], _PATCHED["targets"] = _PATCHED["stack"], None, []
+                stack, targets, _PATCHED["stack"], _PATCHED["targets"] = _PATCHED["stack"], _PATCHED["targets"], None, []
                 stack.close()
+                _unbind_late(targets)
+
+
+def _unbind_late(targets: list[_Target]) -> None:
+    """Modules imported inside the block may have bound a shim under their own name
+    (``from torch.nn.functional import scaled_dot_product_attention``): give them the
+    original back, so nothing of aiba outlives the block."""
+    originals = {id(t.replacement): t.replacement.__wrapped__ for t in targets if hasattr(t.replacement, "__wrapped__")}
+    for modname, mod in list(sys.modules.items()):
+        if modname == "aiba" or modname.startswith("aiba."):
+            continue
+        d = getattr(mod, "__dict__", None)
+        if not isinstance(d, dict):
+            continue
+        for attr, val in list(d.items()):
+            orig = originals.get(id(val))
+            if orig is not None and val is not orig:
+                d[attr] = orig
 
 
 def patched_symbols() -> list[tuple[Any, str]]:
@@ -376,6 +394,10 @@ def combined_patch(*taps: AttnTap, model: nn.Module | None = None) -> Iterator[A
     calls from outside ``model`` (text encoders, a VAE) are recorded with ``outside=True``
     and never recomputed.
     Yields the tap (or the tuple of taps).
+
+    Active taps live in a ``ContextVar``: calls made in threads started inside the block
+    (``nn.DataParallel``, thread pools) run in a fresh context and are not captured; run the
+    block inside each worker thread instead.
     """
     if not taps:
         raise AibaError("combined_patch needs at least one AttnTap")
@@ -386,6 +408,7 @@ def combined_patch(*taps: AttnTap, model: nn.Module | None = None) -> Iterator[A
         stack.enter_context(_patched())
         for t in taps:
             stack.enter_context(_model_paths(t, model))
-        token = _ACTIVE.set(_ACTIVE.get() + taps)
+        active = _ACTIVE.get()
+        token = _ACTIVE.set(active + tuple(t for t in taps if t not in active))  # a tap sees each call once
         stack.callback(_ACTIVE.reset, token)
         yield taps[0] if len(taps) == 1 else taps
