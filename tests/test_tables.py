@@ -108,8 +108,13 @@ def test_table1_extras_rows():
 def test_null_maps_and_input_errors():
     maps, gts, labels = synthetic(n_per_class=2)
     rng = np.random.default_rng(0)
-    sh = null_maps(maps, "shuffled", rng)
-    assert sorted(map(float, sh.sum((1, 2)))) == sorted(map(float, maps.sum((1, 2))))
+    sh = null_maps(maps, "shuffled", rng, labels)
+    sums = maps.sum((1, 2))
+    for i, s in enumerate(sh.sum((1, 2))):  # every null map is another class's map
+        (src,) = np.flatnonzero(np.isclose(sums, s))
+        assert labels[src] != labels[i]
+    with pytest.raises(AibaError, match="two classes"):
+        null_maps(maps[:2], "shuffled", rng, ["bass", "bass"])
     assert np.all(null_maps(maps, "uniform", rng) == 1)
     with pytest.raises(AibaError, match="null baseline"):
         null_maps(maps, "random", rng)

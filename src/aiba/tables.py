@@ -138,14 +138,24 @@ def item_extras(maps, gts) -> np.ndarray:
     return out
 
 
-def null_maps(maps, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """Null-baseline maps: ``uniform`` (all ones) or ``shuffled`` (maps permuted across items)."""
+def null_maps(maps, kind: str, rng: np.random.Generator, labels=None) -> np.ndarray:
+    """Null-baseline maps: ``uniform`` (all ones) or ``shuffled`` (each item scored against
+    the map of a random item of another class, so no null pair is a matched prompt; without
+    ``labels``, of another item)."""
     m = np.asarray(maps)
     if kind == "uniform":
         return np.ones_like(m)
-    if kind == "shuffled":
-        return m[rng.permutation(m.shape[0])]
-    raise AibaError(f"null baseline must be one of {NULLS}, got {kind!r}")
+    if kind != "shuffled":
+        raise AibaError(f"null baseline must be one of {NULLS}, got {kind!r}")
+    n = m.shape[0]
+    lab = np.arange(n) if labels is None else np.asarray(labels)
+    src = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        others = np.flatnonzero(lab != lab[i])
+        if others.size == 0:
+            raise AibaError("the shuffled null baseline needs items of at least two classes")
+        src[i] = others[rng.integers(others.size)]
+    return m[src]
 
 
 def bootstrap_indices(labels, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -199,7 +209,7 @@ def _build(which, maps, gts, labels, threshold, normalize, n_boot, seed, nulls, 
     rng = np.random.default_rng(seed)
     sets = {"model": m}
     for kind in nulls:
-        sets[kind] = null_maps(m, kind, rng)
+        sets[kind] = null_maps(m, kind, rng, lab)
     if which == 3:
         classes = tuple(np.unique(lab)) if classes is None else tuple(classes)
         missing = sorted(set(classes) - set(lab))
