@@ -43,6 +43,7 @@ import os
 import re
 import sys
 import time
+import zipfile
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -344,7 +345,9 @@ def _read_lines(path: Path):
             with np.load(npz) as z:
                 if not {"map", "gt"} <= set(z.files):
                     raise ValueError("no map/gt arrays")
-        except (OSError, ValueError, EOFError) as e:
+                for key in z.files:  # decompress every member: a truncated archive fails here
+                    z[key]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             problems.append(f"{path.name}:{i}: record {rec['id']!r}: maps file {rec['maps']} unreadable ({e})")
             continue
         good.append(rec)
@@ -654,12 +657,14 @@ def run_eval(cfg: EvalConfig, *, rank: int | None = None, world: int | None = No
         except AibaError:
             pass
     todo = [s for s in mine if s.id not in done]
+    templates = None
+    if cfg.gt == "data" and (todo or rank == 0):  # rank 0 builds the shared assets even with no samples
+        templates = _data_templates(cfg, run, rank)
     if todo:
         from tqdm import tqdm
 
         ctx = _Ctx(backend or _get_backend(cfg, rank), cfg, run)
-        if cfg.gt == "data":
-            ctx.templates = _data_templates(cfg, run, rank)
+        ctx.templates = templates
         ctx.streams = _scored_streams(ctx.backend, cfg, todo[0].prompt)
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"eval{f' rank {rank}' if world > 1 else ''}",
                    unit="sample", disable=not cfg.progress, dynamic_ncols=True)
