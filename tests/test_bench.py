@@ -27,10 +27,6 @@ def generic_result():
     return bench.run(cfg)
 
 
-def _grid_bytes(cfg: bench.BenchConfig) -> int:
-    return 1 * cfg.target[0] * cfg.target[1] * 4  # one kept (cond) batch item, float32
-
-
 def test_schema(generic_result):
     r = generic_result
     assert r["schema"] == bench.SCHEMA
@@ -81,7 +77,6 @@ def test_calls_copies_and_state(generic_result):
     depth = m["config"]["depth"]
     assert m["calls_per_forward"] == {"cross": depth, "self": depth}
     modes = m["modes"]
-    cfg = bench.BenchConfig()
     mib = 1 << 20
     assert modes["none"]["captured_calls"] == 0 and modes["none"]["host_copies_per_step"] == 0
     # eager: one CPU copy of a (B, Lq, Lk) map per captured call
@@ -105,11 +100,12 @@ def test_calls_copies_and_state(generic_result):
         assert row["host_copies_per_step"] == 0 and row["host_mib_per_step"] == 0
         assert row["layers"] == calls
         assert row["state_mib"] == row["state_mib_2"] and not row["state_grows"]
-        assert row["state_mib"] * mib == calls * _grid_bytes(cfg)
+        t, f = m["latent_shape"]
+        assert row["state_mib"] * mib == calls * t * f * 4  # each layer summed on its lattice (cond item)
         assert row["state_mib_200"] == row["state_mib"]
         assert row["records_200"] == 200 * (m["calls_per_forward"]["cross"] + m["calls_per_forward"]["self"])
-        full = sum(bench.AUDIOLDM2_LAYERS[k] for k in kinds)
-        assert row["state_mib_200_audioldm2"] * mib == full * _grid_bytes(cfg)
+        cells = {"cross": 10 * 1024 + 10 * 256 + 12 * 64, "self": 20 * 1024 + 20 * 256 + 24 * 64}  # REFERENCE.md
+        assert row["state_mib_200_audioldm2"] * mib == sum(cells[k] for k in kinds) * 4
         assert row["state_mib_200_audioldm2"] <= 64
     assert all(row["peak_mib"] is None for row in modes.values())  # CPU: no allocator statistics
 
@@ -176,7 +172,7 @@ def test_cli_writes_json_and_table(tmp_path, capsys):
     assert set(data["models"]["generic_tiny"]["modes"]) == {"none", "aiba-cross"}
     table = capsys.readouterr().out.strip().splitlines()
     assert table[-2].split()[:2] == ["generic_tiny", "aiba-cross"]
-    assert table[-1].startswith("state of a 200-step full-size AudioLDM2 run") and "aiba-cross 1.00 MiB" in table[-1]
+    assert table[-1].startswith("state of a 200-step full-size AudioLDM2 run") and "aiba-cross 0.05 MiB" in table[-1]
 
 
 @pytest.mark.parametrize("backend, module", [("audioldm2", "diffusers"), ("stable-audio", "stable_audio_tools")])

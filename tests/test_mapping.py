@@ -307,3 +307,23 @@ def test_keep_steps_matches_per_call_grids():
         torch.testing.assert_close(m, torch.stack([r.grid for r in tap.store if r.step == s]).mean(0))
     with pytest.raises(AibaError, match='keep="steps"'):
         AttnTap(latent_shape=(9, 7)).step_maps()
+
+
+@pytest.mark.parametrize("weights,padding", [("late", "border"), ("uniform", "zeros"), ("late", "reflection")])
+def test_sums_on_the_lattice_equal_per_call_grids(weights, padding):
+    """Without per-call grids the tap sums on each layer's lattice and resizes once in maps()."""
+    model = PlantedCrossAttention(sharpness=2.0, strides=(1, 2, 4))
+    kw = dict(pool="mean", latent_shape=(9, 7), content=[1, 2, 3, 4], weights=weights, gamma=0.8, padding=padding)
+    lattice, grids = AttnTap(24, 20, **kw), AttnTap(24, 20, keep="calls", **kw)
+    with torch.no_grad(), combined_patch(lattice, grids, model=model):
+        for _ in range(5):
+            model.layers[0].q.mul_(1.05)
+            model()
+            lattice.next_step()
+            grids.next_step()
+    a, b = lattice.maps(), grids.maps()
+    torch.testing.assert_close(a.overall, b.overall, atol=1e-6, rtol=1e-5)
+    for name in b.layers:
+        torch.testing.assert_close(a.layers[name], b.layers[name], atol=1e-6, rtol=1e-5)
+    assert lattice.state_bytes() == (9 * 7 + 5 * 4 + 3 * 2) * 4  # one lattice-sized sum per layer
+    assert grids.state_bytes() == 3 * 24 * 20 * 4

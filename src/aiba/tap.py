@@ -72,6 +72,7 @@ class _LayerAcc:
     last: int  # step the sums are referenced to (late weighting decays them forward)
     steps: set = field(default_factory=set)
     calls: int = 0
+    on_lattice: bool = False  # sums kept on the layer's lattice, resized when maps are read
 
 
 def _as_patterns(x) -> tuple[str, ...] | None:
@@ -360,8 +361,13 @@ class AttnTap:
                 values = received[:, p:] / lq  # (B, N): mean attention received, keys = lattice cells
             n = values.shape[-1]
             rec.lattice = mapping.find_lattice(n, self.latent_shape, name=name, extra=self.lattices)
-            size = (self.target_T, self.target_F if self.freq_resolved else 1)
-            grid = mapping.resize(mapping.to_lattice(values, rec.lattice), size, self.padding)  # (B, [Lk,] T, F)
+            lattice_map = mapping.to_lattice(values, rec.lattice)  # (B, [Lk,] T', F')
+            if not ({"calls", "steps"} & self.keep or self.aggregate == "max"):
+                # resizing is linear: a weighted mean of resized maps is the resized weighted mean,
+                # so the sums stay on the lattice and maps() resizes each layer once
+                self._fold(name, lattice_map, rec.step, on_lattice=True)
+                return rec
+            grid = mapping.resize(lattice_map, self._grid_size, self.padding)  # (B, [Lk,] T, F)
             if "calls" in self.keep:
                 rec.grid = grid.cpu()
             if "steps" in self.keep:
@@ -374,15 +380,20 @@ class AttnTap:
             self._fold(name, grid, rec.step)
         return rec
 
-    def _fold(self, name: str, grid: torch.Tensor, step: int) -> None:
+    @property
+    def _grid_size(self) -> tuple[int, int]:
+        return self.target_T, self.target_F if self.freq_resolved else 1
+
+    def _fold(self, name: str, grid: torch.Tensor, step: int, on_lattice: bool = False) -> None:
         acc = self._acc.get(name)
         if acc is None:
-            acc = self._acc[name] = _LayerAcc(torch.zeros_like(grid) if self.aggregate == "mean" else grid.clone(), 0.0, step)
+            acc = self._acc[name] = _LayerAcc(torch.zeros_like(grid) if self.aggregate == "mean" else grid.clone(), 0.0,
+                                              step, on_lattice=on_lattice)
             if self.aggregate == "max":
                 acc.steps.add(step)
                 acc.calls += 1
                 return
-        if acc.total.shape != grid.shape:
+        if acc.total.shape != grid.shape or acc.on_lattice != on_lattice:
             raise AibaError(
                 f"layer {name!r}: map of shape {tuple(grid.shape)} does not match the {tuple(acc.total.shape)} accumulated "
                 "so far (batch or prompt length changed?); call tap.reset() between runs"
@@ -430,21 +441,23 @@ class AttnTap:
                 raise AibaError(f"layer_weights lack layers {unknown[:4]}; got weights for {list(lw)[:4]}")
             if any(float(lw[n]) < 0 for n in accs):
                 raise AibaError("layer weights must be non-negative")
-        shapes = {tuple(a.total.shape) for a in accs.values()}
+        totals = {n: mapping.resize(a.total, self._grid_size, self.padding) if a.on_lattice else a.total
+                  for n, a in accs.items()}  # (B, [Lk,] T, F) per layer
+        shapes = {tuple(t.shape) for t in totals.values()}
         if len(shapes) > 1:
             raise AibaError(f"layers have maps of different shapes {sorted(shapes)}; pick one stream with layers=")
         final = max(a.last for a in accs.values())
         layer_maps, num, den = {}, None, 0.0
         for n, a in accs.items():
-            v = 1.0 if lw is None else float(lw[n])
+            v, total = 1.0 if lw is None else float(lw[n]), totals[n]
             if self.aggregate == "max":
-                layer_maps[n] = a.total
+                layer_maps[n] = total
                 if v > 0:
-                    num = a.total.clone() if num is None else torch.maximum(num, a.total)
+                    num = total.clone() if num is None else torch.maximum(num, total)
                 continue
             d = self.gamma ** (final - a.last) if self.weights == "late" else 1.0
-            layer_maps[n] = a.total / a.weight
-            num = a.total * (v * d) if num is None else num.add(a.total, alpha=v * d)
+            layer_maps[n] = total / a.weight
+            num = total * (v * d) if num is None else num.add(total, alpha=v * d)
             den += v * d * a.weight
         if num is None or (self.aggregate == "mean" and den <= 0):
             raise AibaError("all selected layers have zero weight")
