@@ -3,9 +3,11 @@
 A tap is handed each attention call by the kernel shims (:mod:`aiba.patch`) while a
 ``combined_patch(tap)`` block is active. For every call it keeps a small record; for the
 calls it selects it recomputes the exact probabilities (:mod:`aiba.probs`), pools text
-tokens, places queries on the latent lattice and resizes to the grid (:mod:`aiba.mapping`),
-then folds the grid into per-layer running sums on the call's device (Eq. 8). Memory does
-not grow with the number of steps.
+tokens and places queries on the latent lattice (:mod:`aiba.mapping`), then folds the
+result into per-layer running sums on the call's device (Eq. 8). The sums stay on each
+layer's lattice and are resized to the grid when maps are read (resizing is linear); only
+``keep="calls"``/``"steps"`` and ``aggregate="max"`` resize every call. Memory does not
+grow with the number of steps.
 """
 
 from __future__ import annotations
