@@ -16,7 +16,6 @@ from .errors import AibaError
 
 __all__ = ["CallGroup", "MapHealth", "Diagnosis", "diagnose", "format_report", "load_factory", "register"]
 
-_AUTO_KERNELS = ("sdpa", "mha", "xformers", "flash_attn")
 
 
 @dataclass(frozen=True)
@@ -116,11 +115,6 @@ def map_health(stream: str, overall, freq_resolved: bool) -> MapHealth:
 
 
 # ------------------------------------------------------------------ the run
-def _is_auto(name: str) -> bool:
-    kernel, _, i = name.partition(".")
-    return kernel in _AUTO_KERNELS and i.isdigit()
-
-
 def diagnose(backend, *, prompt: str = "a bass solo with drums", steps: int = 2, pool: str = "max",
              seed: int = 0, seconds: float | None = None, guidance_scale: float | None = None,
              target: tuple = (64, 32), tiny: bool = False) -> Diagnosis:
@@ -156,7 +150,7 @@ def diagnose(backend, *, prompt: str = "a bass solo with drums", steps: int = 2,
 
     streams = backend.streams()
     latent = tap.latent_shape
-    inside = [r for r in tap.store if not _is_auto(r.name)]
+    inside = [r for r in tap.store if not r.outside]  # issued by the denoiser
     outside = len(tap.store) - len(inside)
 
     def stream_of(name):
