@@ -111,7 +111,10 @@ def run_demo(out: str | Path | None = "aiba-demo.png", target_T: int = 32, targe
 
 def save_heatmap(grid: torch.Tensor, path: str | Path, title: str = "") -> Path:
     """Save a (T, F) map as a time x mel heat map (time on x, low bands at the bottom)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise AibaError("drawing the heat map needs matplotlib: pip install 'aiba[eval]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
