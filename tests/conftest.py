@@ -52,7 +52,6 @@ def ref_probs():
 # ---- tiny backend fixtures (backends/audioldm2.py, backends/stable_audio.py) ---------------
 # Built once per session; each skips cleanly when its optional dependency is missing.
 
-import pytest  # noqa: E402  (kept so this block stands alone)
 
 
 @pytest.fixture(scope="session")

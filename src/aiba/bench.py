@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AibaError
+from .patch import swap_everywhere
 
 __all__ = [
     "MODES",
@@ -314,28 +315,6 @@ def build_models(cfg: BenchConfig) -> list[BenchModel]:
 
 
 # --------------------------------------------------------------- eager capture
-def _rebound(orig) -> list[tuple[object, str]]:
-    """(module, name) of every module global bound to ``orig`` (``from F import sdpa`` style)."""
-    out = []
-    for modname, mod in list(sys.modules.items()):
-        if modname == "aiba" or modname.startswith("aiba."):
-            continue  # aiba's own references to the original kernel stay as they are
-        d = getattr(mod, "__dict__", None)
-        if isinstance(d, dict):
-            out += [(mod, k) for k, v in list(d.items()) if v is orig]
-    return out
-
-
-@contextlib.contextmanager
-def _swap_all(orig, replacement) -> Iterator[None]:
-    """Replace every module-global binding of ``orig``; restore them all on exit."""
-    with contextlib.ExitStack() as stack:
-        for mod, name in _rebound(orig):
-            setattr(mod, name, replacement)
-            stack.callback(setattr, mod, name, orig)
-        yield
-
-
 class EagerCapture:
     """The paper's capture: explicit softmax per call, head-mean maps copied to the CPU.
 
@@ -369,7 +348,7 @@ class EagerCapture:
 
     @contextlib.contextmanager
     def patch(self) -> Iterator["EagerCapture"]:
-        with _swap_all(_ORIG_SDPA, self.sdpa):
+        with swap_everywhere(_ORIG_SDPA, self.sdpa):
             yield self
 
     def state_bytes(self) -> int:

@@ -27,7 +27,7 @@ from .errors import AibaError
 from .probs import AttnInputs
 from .tap import AttnTap
 
-__all__ = ["combined_patch", "active_taps", "patched_symbols"]
+__all__ = ["combined_patch", "active_taps", "patched_symbols", "swap_everywhere"]
 
 _ACTIVE: ContextVar[tuple[AttnTap, ...]] = ContextVar("aiba_active_taps", default=())
 # set while an outer shim runs its kernel, so the kernel's own inner calls (MHA -> SDPA)
@@ -271,19 +271,19 @@ def _optional(module: str):
     return sys.modules.get(module)
 
 
-def _rebinders(orig, replacement) -> list[_Target]:
-    """Module globals elsewhere that bound ``orig`` under their own name at import."""
-    out = []
+def _module_dicts():
+    """The globals of every loaded module but aiba's own (aiba keeps the originals it calls)."""
     for modname, mod in list(sys.modules.items()):
         if modname == "aiba" or modname.startswith("aiba."):
-            continue  # aiba keeps the originals it calls
-        d = getattr(mod, "__dict__", None)
-        if not isinstance(d, dict):
             continue
-        for attr, val in list(d.items()):
-            if val is orig:
-                out.append(_Target(mod, attr, replacement))
-    return out
+        d = getattr(mod, "__dict__", None)
+        if isinstance(d, dict):
+            yield mod, d
+
+
+def _rebinders(orig, replacement) -> list[_Target]:
+    """Module globals that bound ``orig`` under their own name at import."""
+    return [_Target(mod, attr, replacement) for mod, d in _module_dicts() for attr, val in list(d.items()) if val is orig]
 
 
 def _targets() -> list[_Target]:
@@ -354,16 +354,21 @@ def _unbind_late(targets: list[_Target]) -> None:
     (``from torch.nn.functional import scaled_dot_product_attention``): give them the
     original back, so nothing of aiba outlives the block."""
     originals = {id(t.replacement): t.replacement.__wrapped__ for t in targets if hasattr(t.replacement, "__wrapped__")}
-    for modname, mod in list(sys.modules.items()):
-        if modname == "aiba" or modname.startswith("aiba."):
-            continue
-        d = getattr(mod, "__dict__", None)
-        if not isinstance(d, dict):
-            continue
+    for _, d in _module_dicts():
         for attr, val in list(d.items()):
             orig = originals.get(id(val))
             if orig is not None and val is not orig:
                 d[attr] = orig
+
+
+@contextmanager
+def swap_everywhere(orig, replacement) -> Iterator[None]:
+    """Bind ``replacement`` wherever a module global holds ``orig``; restore each on exit
+    (what ``combined_patch`` does per kernel; benchmarks use it to install other captures)."""
+    with ExitStack() as stack:
+        for t in _rebinders(orig, replacement):
+            stack.enter_context(_swap(t))
+        yield
 
 
 def patched_symbols() -> list[tuple[Any, str]]:
