@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import atomic_write
 from .errors import AibaError
 
 __all__ = ["PlantedCrossAttention", "PlantedSite", "run_demo", "save_heatmap", "register"]
@@ -127,10 +128,8 @@ def save_heatmap(grid: torch.Tensor, path: str | Path, title: str = "") -> Path:
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="attention")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

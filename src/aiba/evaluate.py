@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import AibaError, AibaWarning
 
 __all__ = ["EvalConfig", "Sample", "DEFAULT_TEMPLATES", "INSTRUMENT_WORDS", "GT_KINDS", "plan",
@@ -259,15 +260,6 @@ def instrument_token_indices(tokens, words: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- run dir
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _git_revision() -> str | None:
     import subprocess
 
@@ -319,7 +311,7 @@ def _check_manifest(run: Path, cfg: EvalConfig, n_samples: int, world: int) -> N
             raise AibaError(f"{run} was written with other settings {diff} (manifest, now): "
                             "rerun with the same settings or use another --out")
         return
-    _atomic_write(path, json.dumps(_manifest(cfg, n_samples, world), indent=2))
+    atomic_write(path, json.dumps(_manifest(cfg, n_samples, world), indent=2))
 
 
 def _read_lines(path: Path):
@@ -447,9 +439,7 @@ def _data_templates(cfg: EvalConfig, run: Path, rank: int):
             dt = build_data_templates(stems, T=T, F=F, progress=cfg.progress,
                                       meta={"dataset": str(root), "split": cfg.template_split,
                                             "stems": [s.name for s in stems]})
-            tmp = run / f".data_templates.{os.getpid()}.npz"
-            dt.save(tmp)
-            os.replace(tmp, path)
+            atomic_write(path, dt.save)
     dt = DataTemplates.load(path)
     missing = [c for c in cfg.classes if c not in dt.classes]
     if missing:
@@ -578,11 +568,10 @@ def _run_sample(ctx: _Ctx, sample: Sample) -> dict:
     gt, mel = _ground_truth(cfg, sample.cls, ctx.templates, audio, res.sample_rate)
     rel = Path("maps") / f"{sample.id}.npz"
     dest = ctx.run / rel
-    tmp = dest.with_name(f".{dest.stem}.{os.getpid()}.tmp.npz")
-    np.savez_compressed(tmp, map=m, gt=gt, mel=mel, layer_names=np.array(names), layer_maps=layer_maps,
-                        steps=steps.astype(np.int32), step_profiles=step_prof.astype(np.float32),
-                        step_index=steps[keep_idx].astype(np.int32), step_maps=step_maps.astype(np.float32))
-    os.replace(tmp, dest)
+    arrays = dict(map=m, gt=gt, mel=mel, layer_names=np.array(names), layer_maps=layer_maps,
+                  steps=steps.astype(np.int32), step_profiles=step_prof.astype(np.float32),
+                  step_index=steps[keep_idx].astype(np.int32), step_maps=step_maps.astype(np.float32))
+    atomic_write(dest, lambda tmp: np.savez_compressed(tmp, **arrays))
     seconds = float(audio.shape[-1]) / res.sample_rate
     return {"id": sample.id, "index": sample.index, "class": sample.cls, "k": sample.k,
             "template": sample.template, "prompt": sample.prompt, "seed": sample.seed, "role": sample.role,
@@ -649,7 +638,7 @@ def run_eval(cfg: EvalConfig, *, rank: int | None = None, world: int | None = No
             warnings.warn(msg, AibaWarning, stacklevel=2)
             print(f"aiba eval: {msg}", file=sys.stderr)
         if problems:  # keep only the good lines (atomically), then append
-            _atomic_write(out_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in good))
+            atomic_write(out_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in good))
         done = {r["id"] for r in good}
     if world > 1:  # a rerun after --merge also finds its samples in records.jsonl
         try:
@@ -708,7 +697,7 @@ def merge(run_dir) -> Path:
         missing = [s.id for s in plan(cfg) if s.id not in have]
         print(f"aiba eval --merge: {len(missing)} of {expected} samples missing ({missing[:6]}"
               f"{'...' if len(missing) > 6 else ''}); rerun the ranks to complete them", file=sys.stderr)
-    _atomic_write(run / RECORDS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
+    atomic_write(run / RECORDS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
     report(run)
     return run
 

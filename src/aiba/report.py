@@ -83,7 +83,8 @@ def _table_csv(table) -> str:
 
 def build_report(run_dir, *, n_boot: int | None = None, figures: bool | None = None) -> dict:
     """Write the tables (and figures) of a run; returns ``tables.json``'s content."""
-    from .evaluate import _atomic_write, _config_from_manifest, load_records
+    from .atomic import atomic_write
+    from .evaluate import _config_from_manifest, load_records
     from .tables import build_table1, build_table3
 
     run = Path(run_dir)
@@ -115,7 +116,7 @@ def build_report(run_dir, *, n_boot: int | None = None, figures: bool | None = N
         maps[test] = test_maps
         lw = {"weights": w, "fit_ids": [r["id"] for r, f in zip(recs, fit) if f],
               "test_ids": [r["id"] for r, t in zip(recs, test) if t], "method": "NNLS, normalised to sum 1"}
-        _atomic_write(run / "learned_weights.json", json.dumps(lw, indent=2))
+        atomic_write(run / "learned_weights.json", json.dumps(lw, indent=2))
         info["learned_weights"] = lw
     classes = [c for c in cfg.classes if c in set(labels[test])]
     t1 = build_table1(maps[test], gts[test], labels[test], cfg.threshold, cfg.normalize, n_boot=n_boot,
@@ -126,10 +127,10 @@ def build_report(run_dir, *, n_boot: int | None = None, figures: bool | None = N
                f"aggregate={cfg.aggregate}, weights={cfg.weights}, kinds={cfg.kinds}, steps={cfg.steps}, "
                f"{int(test.sum())} scored samples")
     for name, t in (("table1", t1), ("table3", t3)):
-        _atomic_write(run / f"{name}.md", t.to_markdown() + f"\n\nRun: {setting}.\n")
-        _atomic_write(run / f"{name}.csv", _table_csv(t))
+        atomic_write(run / f"{name}.md", t.to_markdown() + f"\n\nRun: {setting}.\n")
+        atomic_write(run / f"{name}.csv", _table_csv(t))
     info.update({"setting": setting, "table1": t1.to_dict(), "table3": t3.to_dict()})
-    _atomic_write(run / "tables.json", json.dumps(info, indent=2, default=float))
+    atomic_write(run / "tables.json", json.dumps(info, indent=2, default=float))
     if figures:
         from .figures import make_figures
 

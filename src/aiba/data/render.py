@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..errors import AibaError, AibaWarning
 from .slakh import inst_class_for_program
 
@@ -208,17 +209,6 @@ def _db(x: float) -> float:
     return float(20 * np.log10(max(x, 1e-12)))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` then ``os.replace`` onto ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def render_track(index: int, cfg: RenderConfig, dest: Path, synth: str) -> None:
     """Generate and render track ``index`` (1-based) into the folder ``dest`` (created)."""
     import pretty_midi
@@ -330,7 +320,7 @@ def make_dataset(out, cfg: RenderConfig, progress: bool = True) -> list[Path]:
         if diff:
             raise AibaError(f"{out} was written with other settings {diff} (old, new): use another folder")
     else:
-        _atomic_write(cfg_file, lambda p: p.write_text(yaml.safe_dump(record, sort_keys=True)))
+        atomic_write(cfg_file, lambda p: p.write_text(yaml.safe_dump(record, sort_keys=True)))
     paths = []
     with tqdm(total=cfg.tracks, desc="make-dataset", unit="track", disable=not progress) as bar:
         for i in range(1, cfg.tracks + 1):
