@@ -130,13 +130,12 @@ class GenericBackend(Backend):
             return self._inference
         from aiba import AttnTap, combined_patch
 
-        inside = set(attention_modules(self.denoiser))
         tap = AttnTap(kinds=(), latent_shape=None)
         import torch
 
         with combined_patch(tap, model=self.denoiser), torch.no_grad():
             shapes = _input_shapes(self.denoiser, self._runner)
-        recs = [r for r in tap.store if r.name in inside or not _auto(r.name)]
+        recs = [r for r in tap.store if not r.outside]  # issued by the model
         notes = []
         if not recs:
             notes.append("no attention call was seen inside the model (unknown kernel or compiled?)")
@@ -224,9 +223,3 @@ class GenericBackend(Backend):
         if isinstance(out, torch.Tensor):
             out = out.detach().float().cpu().numpy()
         return (np.asarray(out) if out is not None else None), 0, False
-
-
-def _auto(name: str) -> bool:
-    """True for the tap's automatic names ("sdpa.3"): calls outside the model."""
-    kernel, _, i = name.partition(".")
-    return i.isdigit() and kernel in ("sdpa", "mha", "xformers", "flash_attn")
