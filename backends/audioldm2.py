@@ -1,7 +1,7 @@
 """AudioLDM2 backend: loading, a tiny offline pipeline, and the facts aiba needs about it.
 
 Facts (diffusers ``AudioLDM2Pipeline``; measured on the tiny pipeline built here with a
-counting wrapper on ``F.scaled_dot_product_attention``, and matching REFERENCE.md for the
+counting wrapper on ``F.scaled_dot_product_attention``, and matching the published configs of the
 real checkpoints):
 
 - Latent ``(B, C, T_lat, F_lat)``: height = time, width = mel frequency.

@@ -104,7 +104,7 @@ def test_calls_copies_and_state(generic_result):
         assert row["state_mib"] * mib == calls * t * f * 4  # each layer summed on its lattice (cond item)
         assert row["state_mib_200"] == row["state_mib"]
         assert row["records_200"] == 200 * (m["calls_per_forward"]["cross"] + m["calls_per_forward"]["self"])
-        cells = {"cross": 10 * 1024 + 10 * 256 + 12 * 64, "self": 20 * 1024 + 20 * 256 + 24 * 64}  # REFERENCE.md
+        cells = {"cross": 10 * 1024 + 10 * 256 + 12 * 64, "self": 20 * 1024 + 20 * 256 + 24 * 64}  # full UNet config
         assert row["state_mib_200_audioldm2"] * mib == sum(cells[k] for k in kinds) * 4
         assert row["state_mib_200_audioldm2"] <= 64
     assert all(row["peak_mib"] is None for row in modes.values())  # CPU: no allocator statistics

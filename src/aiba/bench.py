@@ -89,7 +89,7 @@ SCHEMA = "aiba-bench/1"
 MIB = float(1 << 20)
 # a full AudioLDM2 generation (pipeline default) and a Stable Audio Open one
 STEPS_AUDIOLDM2 = 200
-# full-size AudioLDM2 UNet, 10.24 s: captured layers per forward (REFERENCE.md)
+# full-size AudioLDM2 UNet, 10.24 s: captured layers per forward (its diffusers UNet config)
 AUDIOLDM2_LAYERS = {"cross": 32, "self": 64}
 # ... and the lattice cells they cover: (T', F') -> (self, GPT-2 cross, T5 cross) layers
 AUDIOLDM2_LATTICES = {(128, 8): (20, 5, 5), (64, 4): (20, 5, 5), (32, 2): (24, 6, 6)}

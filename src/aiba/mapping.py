@@ -1,4 +1,4 @@
-"""Attention-to-grid mapping (paper Sec. 2.1 and App. A.1; DESIGN.md "Definitions").
+"""Attention-to-grid mapping (paper Sec. 2.1 and App. A.1; docs/method.md, "Maps").
 
 Per call: head-mean probabilities ``A`` (B, Lq, Lk) -> one value per query (token pooling,
 Eqs. 4-7) -> the denoiser's latent lattice (T', F') in time-major raster order -> bilinear

@@ -13,7 +13,7 @@ Every table carries null baselines, evaluated against the same ground truth:
 - ``uniform``: a constant map (binarises to every cell; precision = GT density, recall 1);
 - ``shuffled``: the maps with their class labels shuffled, i.e. item i's ground truth is
   scored against the map of a random other item (a seeded permutation), the "shuffled
-  prompts" baseline of DESIGN.md.
+  prompts" baseline (docs/method.md, "Tables").
 Confidence intervals: percentile bootstrap (95 % by default) over items, resampled with
 replacement within each class (so every class stays present), with a seeded generator;
 the baselines use the same resamples (paired).

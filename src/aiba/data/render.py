@@ -1,7 +1,7 @@
 """Offline mini-Slakh: generated multi-instrument tracks rendered with a GM soundfont.
 
 ``aiba make-dataset OUT --tracks N`` writes a tree that :class:`aiba.data.slakh.SlakhDataset`
-reads like the real Slakh2100 (Manilow et al. 2019; schema in REFERENCE.md)::
+reads like the real Slakh2100 (Manilow et al. 2019; schema in :mod:`aiba.data.slakh`)::
 
     OUT/mini_slakh.yaml                        generator settings (checked on resume)
     OUT/{train,validation,test}/TrackXXXXX/

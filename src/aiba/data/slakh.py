@@ -56,7 +56,7 @@ SLAKH_TO_PAPER = {
     "Organ": "Organ",
 }
 
-# Slakh's inst_class by 0-based General MIDI program (REFERENCE.md); 128 = drums.
+# Slakh's inst_class by 0-based General MIDI program (Slakh2100's metadata); 128 = drums.
 GM_CLASS_RANGES = (
     (0, 7, "Piano"), (8, 15, "Chromatic Percussion"), (16, 23, "Organ"), (24, 31, "Guitar"),
     (32, 39, "Bass"), (40, 47, "Strings"), (48, 55, "Strings (continued)"), (56, 63, "Brass"),
