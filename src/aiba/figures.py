@@ -17,13 +17,26 @@ outlined in white. Files under ``figures/``:
 from __future__ import annotations
 
 import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["make_figures", "short_layer"]
+from .errors import AibaWarning
+from .metrics import profile_correlation
+
+__all__ = ["make_figures", "run_setting", "short_layer", "figure_attention_vs_gt", "figure_freq_profiles",
+           "figure_layers", "figure_steps"]
 
 _HZ_TICKS = (50, 100, 250, 500, 1000, 2000, 4000, 8000)
+
+
+def run_setting(cfg, scored: int | None = None) -> str:
+    """A run's settings in one line, as the tables and the figures caption them."""
+    s = (f"backend {cfg.backend}{' (tiny)' if cfg.tiny else ''}, gt={cfg.gt}, pool={cfg.pool}, "
+         f"aggregate={cfg.aggregate}, weights={cfg.weights}, kinds={cfg.kinds}, steps={cfg.steps}")
+    return s if scored is None else f"{s}, {scored} scored samples"
 
 
 def short_layer(name: str) -> str:
@@ -82,64 +95,91 @@ def _norm(m):
     return m / hi if hi > 0 else m
 
 
-def make_figures(run, cfg, recs: list[dict], maps: np.ndarray, arrays: dict) -> list[Path]:
-    """Write the figures of a run; ``maps`` are the scored maps (N, T, F) in record order."""
-    import matplotlib
+def _profile_r(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r of the frequency profiles of two ``(T, F)`` maps (NaN when one is constant)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AibaWarning)  # a constant profile is drawn as r = nan
+        return profile_correlation(a, b)
 
-    matplotlib.use("Agg")
+
+@dataclass(frozen=True)
+class RunView:
+    """What every figure reads: the records, their scored maps, ground truth and mel energy."""
+
+    run: Path
+    recs: list
+    maps: np.ndarray  # (N, T, F) scored maps, in record order
+    gts: np.ndarray  # (N, T, F) bool
+    mels: np.ndarray  # (N, T, F)
+    gt_kind: str
+    classes: list
+    setting: str
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r["class"] for r in self.recs])
+
+    @property
+    def roles(self) -> np.ndarray:
+        return np.array([r["role"] for r in self.recs])
+
+    def pick(self, c: str) -> np.ndarray:
+        """Indices of the scored (test) records of a class, else of all its records."""
+        idx = np.flatnonzero((self.labels == c) & (self.roles == "test"))
+        return idx if idx.size else np.flatnonzero(self.labels == c)
+
+    def seconds(self, i: int) -> float:
+        return float(self.recs[i].get("seconds") or self.maps.shape[1])
+
+
+def _save(fig, path: Path, dpi: int) -> Path:
     import matplotlib.pyplot as plt
 
-    run = Path(run)
-    out = run / "figures"
-    out.mkdir(exist_ok=True)
-    gts, mels = arrays["gt"], arrays["mel"]
-    labels = np.array([r["class"] for r in recs])
-    roles = np.array([r["role"] for r in recs])
-    classes = [c for c in cfg.classes if c in set(labels)]
-    N, T, F = maps.shape
-    files = []
-    setting = f"{cfg.backend}{' tiny' if cfg.tiny else ''}, gt={cfg.gt}, pool={cfg.pool}, kinds={cfg.kinds}, " \
-              f"weights={cfg.weights}, {cfg.steps} steps"
-
-    def pick(c):  # scored (test) records of a class, else all of them
-        idx = np.flatnonzero((labels == c) & (roles == "test"))
-        return idx if idx.size else np.flatnonzero(labels == c)
-
-    # ---- attention vs ground truth (Fig. 2/3)
-    fig, axes = plt.subplots(len(classes), 4, figsize=(17, 2.9 * len(classes)), squeeze=False)
-    for row, c in enumerate(classes):
-        idx = pick(c)
-        i = idx[0]
-        r = recs[i]
-        sec = float(r.get("seconds") or T)
-        _show(axes[row, 0], _norm(maps[i]), sec, f"{c}: \"{r['prompt']}\" (seed {r['seed']})", gts[i])
-        _show(axes[row, 1], _norm(maps[idx].mean(0)), sec, f"{c}: mean attention over {idx.size} samples",
-              gts[idx].mean(0) >= 0.5, label_y=False)
-        _show(axes[row, 2], gts[i].astype(float), sec, f"{c}: ground truth ({cfg.gt}; white = in band)", cmap="gray", label_y=False)
-        _show(axes[row, 3], 10 * np.log10(mels[i] + 1e-10), sec, f"{c}: generated clip, mel energy (dB)",
-              gts[i], cmap="viridis", label_y=False)
-    fig.suptitle(f"Attention vs ground truth (white outline) — {setting}", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.98))
-    files.append(out / "attention_vs_gt.png")
-    fig.savefig(files[-1], dpi=90)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
+    return path
 
-    # ---- frequency profiles
-    ncol = min(3, len(classes))
-    nrow = int(np.ceil(len(classes) / ncol))
+
+def figure_attention_vs_gt(v: RunView, out: Path) -> Path:
+    """Per class: an example map, the class mean, the example's GT and its mel energy (Figs. 2/3)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(v.classes), 4, figsize=(17, 2.9 * len(v.classes)), squeeze=False)
+    for row, c in enumerate(v.classes):
+        idx = v.pick(c)
+        i = idx[0]
+        r, sec, gt = v.recs[i], v.seconds(i), v.gts[i]
+        _show(axes[row, 0], _norm(v.maps[i]), sec, f"{c}: \"{r['prompt']}\" (seed {r['seed']})", gt)
+        _show(axes[row, 1], _norm(v.maps[idx].mean(0)), sec, f"{c}: mean attention over {idx.size} samples",
+              v.gts[idx].mean(0) >= 0.5, label_y=False)
+        _show(axes[row, 2], gt.astype(float), sec, f"{c}: ground truth ({v.gt_kind}; white = in band)",
+              cmap="gray", label_y=False)
+        _show(axes[row, 3], 10 * np.log10(v.mels[i] + 1e-10), sec, f"{c}: generated clip, mel energy (dB)",
+              gt, cmap="viridis", label_y=False)
+    fig.suptitle(f"Attention vs ground truth (white outline) — {v.setting}", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    return _save(fig, out / "attention_vs_gt.png", 90)
+
+
+def figure_freq_profiles(v: RunView, out: Path) -> Path:
+    """Per class: attention frequency profile (mean +- sd over samples) against the GT profile."""
+    import matplotlib.pyplot as plt
+
+    ncol = min(3, len(v.classes))
+    nrow = int(np.ceil(len(v.classes) / ncol))
     fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.4 * nrow), squeeze=False)
+    F = v.maps.shape[2]
     x = np.arange(F)
-    for k, c in enumerate(classes):
+    for k, c in enumerate(v.classes):
         ax = axes[k // ncol, k % ncol]
-        idx = pick(c)
-        prof = _minmax(maps[idx].mean(axis=1))  # (n, F): mean over time, each min-max normalised
-        gtp = gts[idx].mean(axis=1).mean(0)  # (F,): share of frames in band
+        idx = v.pick(c)
+        prof = _minmax(v.maps[idx].mean(axis=1))  # (n, F): mean over time, each min-max normalised
+        gtp = v.gts[idx].mean(axis=1).mean(0)  # (F,): share of frames in band
         mu, sd = prof.mean(0), prof.std(0)
         ax.fill_between(x, mu - sd, mu + sd, color="C0", alpha=0.25)
         ax.plot(x, mu, color="C0", label="attention (min-max norm., mean ± sd)")
-        ax.plot(x, gtp, color="C3", ls="--", label=f"ground truth ({cfg.gt})")
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rr = np.corrcoef(mu, gtp)[0, 1] if mu.std() > 0 and gtp.std() > 0 else np.nan
+        ax.plot(x, gtp, color="C3", ls="--", label=f"ground truth ({v.gt_kind})")
+        rr = _profile_r(mu[None], gtp[None])  # (1, F) maps: their profiles are mu and gtp
         ax.set_title(f"{c} (n={idx.size}), Pearson r = {rr:.2f}", fontsize=10)
         _hz_axis(ax, F, axis="x")
         ax.set_ylabel("profile (0 = min, 1 = max)")
@@ -147,81 +187,102 @@ def make_figures(run, cfg, recs: list[dict], maps: np.ndarray, arrays: dict) -> 
         ax.grid(alpha=0.3)
         if k == 0:
             ax.legend(fontsize=8, loc="upper right")
-    for k in range(len(classes), nrow * ncol):
+    for k in range(len(v.classes), nrow * ncol):
         axes[k // ncol, k % ncol].axis("off")
-    fig.suptitle(f"Frequency profiles (mean over time), low to high — {setting}", fontsize=11)
+    fig.suptitle(f"Frequency profiles (mean over time), low to high — {v.setting}", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    files.append(out / "freq_profiles.png")
-    fig.savefig(files[-1], dpi=90)
-    plt.close(fig)
+    return _save(fig, out / "freq_profiles.png", 90)
 
-    # ---- per-layer panels
-    names = arrays.get("layer_names") or []
-    if names:
-        lm = arrays["layer_maps"]  # (N, L, T, F)
-        L = len(names)
-        ncol = min(7, L)
-        nrow = int(np.ceil(L / ncol))
-        for c in classes:
-            idx = pick(c)
-            g = gts[idx].mean(0) >= 0.5
-            sec = float(recs[idx[0]].get("seconds") or T)
-            fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.5 * nrow + 0.6), squeeze=False)
-            for li, n in enumerate(names):
-                ax = axes[li // ncol, li % ncol]
-                m = lm[idx, li].mean(0)
-                pm, pg = m.sum(0), g.sum(0).astype(float)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    rr = np.corrcoef(pm, pg)[0, 1] if pm.std() > 0 and pg.std() > 0 else np.nan
-                _show(ax, _norm(m), sec, f"{short_layer(n)}\nr = {rr:.2f}", g, label_y=li % ncol == 0)
-                ax.title.set_fontsize(8)
-                if li // ncol != nrow - 1:
-                    ax.set_xlabel("")
-            for k in range(L, nrow * ncol):
-                axes[k // ncol, k % ncol].axis("off")
-            fig.suptitle(f"{c}: per-layer attention, mean over {idx.size} samples "
-                         f"(each panel scaled to its max; r: profile correlation with GT) — {setting}", fontsize=10)
-            fig.tight_layout(rect=(0, 0, 1, 0.95))
-            files.append(out / f"layers_{c.lower()}.png")
-            fig.savefig(files[-1], dpi=80)
-            plt.close(fig)
 
-    # ---- per-step panels
-    steps = None
-    per: dict = {}
-    for i, r in enumerate(recs):
-        with np.load(run / r["maps"]) as z:
+def figure_layers(v: RunView, out: Path, c: str, names: list, layer_maps: np.ndarray) -> Path:
+    """One class: every scored layer's mean map with its profile correlation to the GT."""
+    import matplotlib.pyplot as plt
+
+    L = len(names)
+    ncol = min(7, L)
+    nrow = int(np.ceil(L / ncol))
+    idx = v.pick(c)
+    g = v.gts[idx].mean(0) >= 0.5
+    sec = v.seconds(idx[0])
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.5 * nrow + 0.6), squeeze=False)
+    for li, n in enumerate(names):
+        ax = axes[li // ncol, li % ncol]
+        m = layer_maps[idx, li].mean(0)  # (T, F)
+        rr = _profile_r(m, g.astype(float))
+        _show(ax, _norm(m), sec, f"{short_layer(n)}\nr = {rr:.2f}", g, label_y=li % ncol == 0)
+        ax.title.set_fontsize(8)
+        if li // ncol != nrow - 1:
+            ax.set_xlabel("")
+    for k in range(L, nrow * ncol):
+        axes[k // ncol, k % ncol].axis("off")
+    fig.suptitle(f"{c}: per-layer attention, mean over {idx.size} samples "
+                 f"(each panel scaled to its max; r: profile correlation with GT) — {v.setting}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return _save(fig, out / f"layers_{c.lower()}.png", 80)
+
+
+def _step_items(v: RunView) -> tuple[np.ndarray | None, dict]:
+    """Per class, ``(record index, step_index, step_maps, step_profiles)`` of the records that have them."""
+    steps, per = None, {}
+    for i, r in enumerate(v.recs):
+        with np.load(v.run / r["maps"]) as z:
             if "step_maps" not in z.files:
                 continue
             steps = z["steps"]
             per.setdefault(r["class"], []).append((i, z["step_index"], z["step_maps"], z["step_profiles"]))
-    if per:
-        K = max(len(v[0][1]) for v in per.values())
-        fig, axes = plt.subplots(len(classes), K + 1, figsize=(3.0 * (K + 1), 2.7 * len(classes)), squeeze=False)
-        for row, c in enumerate(classes):
-            items = [v for v in per.get(c, []) if roles[v[0]] == "test"] or per.get(c, [])
-            if not items:
-                continue
-            sidx = items[0][1]
-            sm = np.mean([v[2] for v in items], axis=0)  # (K, T, F)
-            sp = np.mean([v[3] for v in items], axis=0)  # (S, F)
-            g = gts[[v[0] for v in items]].mean(0) >= 0.5
-            sec = float(recs[items[0][0]].get("seconds") or T)
-            for j in range(K):
-                ax = axes[row, j]
-                if j < len(sidx):
-                    _show(ax, _norm(sm[j]), sec, f"{c}: step {int(sidx[j]) + 1} of {len(steps)}", g, label_y=j == 0)
-                else:
-                    ax.axis("off")
-            ax = axes[row, K]
-            ax.imshow(_minmax(sp).T, origin="lower", aspect="auto", cmap="magma", interpolation="nearest",
-                      extent=(0.5, sp.shape[0] + 0.5, -0.5, F - 0.5))
-            ax.set_title(f"{c}: frequency profile per step\n(each step min-max normalised)", fontsize=9)
-            ax.set_xlabel("denoising step")
-            _hz_axis(ax, F)
-        fig.suptitle(f"Attention across denoising steps (mean over samples; GT outlined) — {setting}", fontsize=11)
-        fig.tight_layout(rect=(0, 0, 1, 0.97))
-        files.append(out / "steps.png")
-        fig.savefig(files[-1], dpi=90)
-        plt.close(fig)
-    return files
+    return steps, per
+
+
+def figure_steps(v: RunView, out: Path) -> Path | None:
+    """Per class: the class-mean map at the kept steps and the step x frequency profile."""
+    import matplotlib.pyplot as plt
+
+    steps, per = _step_items(v)
+    if not per:
+        return None
+    F = v.maps.shape[2]
+    K = max(len(items[0][1]) for items in per.values())
+    fig, axes = plt.subplots(len(v.classes), K + 1, figsize=(3.0 * (K + 1), 2.7 * len(v.classes)), squeeze=False)
+    for row, c in enumerate(v.classes):
+        items = [it for it in per.get(c, []) if v.roles[it[0]] == "test"] or per.get(c, [])
+        if not items:
+            continue
+        sidx = items[0][1]
+        sm = np.mean([it[2] for it in items], axis=0)  # (K, T, F)
+        sp = np.mean([it[3] for it in items], axis=0)  # (S, F)
+        g = v.gts[[it[0] for it in items]].mean(0) >= 0.5
+        sec = v.seconds(items[0][0])
+        for j in range(K):
+            if j < len(sidx):
+                _show(axes[row, j], _norm(sm[j]), sec, f"{c}: step {int(sidx[j]) + 1} of {len(steps)}", g,
+                      label_y=j == 0)
+            else:
+                axes[row, j].axis("off")
+        ax = axes[row, K]
+        ax.imshow(_minmax(sp).T, origin="lower", aspect="auto", cmap="magma", interpolation="nearest",
+                  extent=(0.5, sp.shape[0] + 0.5, -0.5, F - 0.5))
+        ax.set_title(f"{c}: frequency profile per step\n(each step min-max normalised)", fontsize=9)
+        ax.set_xlabel("denoising step")
+        _hz_axis(ax, F)
+    fig.suptitle(f"Attention across denoising steps (mean over samples; GT outlined) — {v.setting}", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return _save(fig, out / "steps.png", 90)
+
+
+def make_figures(run, cfg, recs: list[dict], maps: np.ndarray, arrays: dict) -> list[Path]:
+    """Write the figures of a run; ``maps`` are the scored maps (N, T, F) in record order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run = Path(run)
+    out = run / "figures"
+    out.mkdir(exist_ok=True)
+    present = {r["class"] for r in recs}
+    v = RunView(run, recs, maps, arrays["gt"], arrays["mel"], cfg.gt, [c for c in cfg.classes if c in present],
+                run_setting(cfg))
+    files = [figure_attention_vs_gt(v, out), figure_freq_profiles(v, out)]
+    names = arrays.get("layer_names") or []
+    if names:
+        files += [figure_layers(v, out, c, names, arrays["layer_maps"]) for c in v.classes]
+    step_file = figure_steps(v, out)
+    return files + ([step_file] if step_file else [])
