@@ -8,12 +8,38 @@ import pytest
 import torch
 
 # --------------------------------------------------------------------------- capture
+def allowed_keys(lq: int, lk: int, causal=None, window=(-1, -1)) -> torch.Tensor:
+    """Bool (Lq, Lk): which keys each query may attend to, as each kernel documents it.
+
+    PyTorch, ``scaled_dot_product_attention`` (its reference implementation in the docs):
+    ``is_causal`` -> ``torch.ones(L, S, dtype=torch.bool).tril(diagonal=0)``, the top-left
+    corner. FlashAttention, ``flash_attn_func`` docstring: "the causal mask is aligned to
+    the bottom right corner of the attention matrix" and, with ``window_size != (-1, -1)``,
+    "query at position i will only attend to keys between [i + seqlen_k - seqlen_q -
+    window_size[0], i + seqlen_k - seqlen_q + window_size[1]] inclusive".
+    """
+    keep = torch.ones(lq, lk, dtype=torch.bool)
+    if causal == "top_left":
+        if max(window) >= 0:
+            raise ValueError("local windows are FlashAttention's; its masks are bottom-right aligned")
+        return keep.tril(diagonal=0)
+    d = lk - lq  # FlashAttention's diagonal: the last query sees the last key
+    if causal == "bottom_right":
+        keep &= torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=d)
+    if window[1] >= 0:
+        keep &= torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=d + window[1])
+    if window[0] >= 0:
+        keep &= torch.ones(lq, lk, dtype=torch.bool).triu(diagonal=d - window[0])
+    return keep
+
+
 def reference_probs(q, k, mask=None, causal=None, scale=None, window=(-1, -1), softcap=0.0):
     """Float64 eager attention probabilities, head-averaged: (B, Lq, Lk).
 
     q (B, H, Lq, E), k (B, Hk, Lk, E) with grouped heads expanded by repeat_interleave (as
     PyTorch's enable_gqa reference does); ``mask`` bool (True = attend) or additive;
-    ``causal`` "top_left" (SDPA) or "bottom_right" (FlashAttention). Fully masked rows -> 0.
+    ``causal`` "top_left" (SDPA) or "bottom_right" (FlashAttention), ``window``
+    FlashAttention's local window: :func:`allowed_keys`. Fully masked rows -> 0.
     """
     q, k = q.double(), k.double()
     if k.shape[1] != q.shape[1]:
@@ -28,17 +54,7 @@ def reference_probs(q, k, mask=None, causal=None, scale=None, window=(-1, -1), s
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask.double()
-    off = (lk - lq) if causal == "bottom_right" or (causal is None and max(window) >= 0) else 0
-    i = torch.arange(lq)[:, None] + off
-    j = torch.arange(lk)[None, :]
-    allowed = torch.ones(lq, lk, dtype=torch.bool)
-    if causal:
-        allowed &= j <= i
-    if window[1] >= 0:
-        allowed &= j <= i + window[1]
-    if window[0] >= 0:
-        allowed &= j >= i - window[0]
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    scores = scores.masked_fill(~allowed_keys(lq, lk, causal, window), float("-inf"))
     p = torch.softmax(scores, dim=-1)
     p = torch.where(torch.isnan(p), torch.zeros_like(p), p)
     return p.mean(dim=1)
