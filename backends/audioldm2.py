@@ -53,10 +53,9 @@ from aiba.errors import AibaError
 
 __all__ = [
     "TinyAudioLDM2Config", "load", "build_tiny", "latent_shape", "stream_of",
-    "cross_attention_paths", "t5_tokens", "CFG_UNCOND_FIRST", "STREAMS", "AudioLDM2Backend",
+    "cross_attention_paths", "t5_tokens", "STREAMS", "AudioLDM2Backend",
 ]
 
-CFG_UNCOND_FIRST = True  # the doubled batch is cat([uncond, cond])
 STREAMS = ("self", "gpt2", "t5")  # slot order of cross_attention_dim [None, d1, d2]
 
 _ATTN_RE = re.compile(r"(?:^|\.)attentions\.(\d+)\.transformer_blocks\.\d+\.(attn1|attn2)")

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiba.errors import AibaError
 
-__all__ = ["Backend", "GenerateResult", "step_hook", "content_rows", "require"]
+__all__ = ["Backend", "GenerateResult", "step_hook", "content_rows"]
 
 
 @dataclass(frozen=True)
@@ -153,10 +153,3 @@ class Backend:
     def __repr__(self) -> str:
         return f"<aiba backend {self.name!r}: {type(self.denoiser).__name__}>"
 
-
-def require(module: str, backend: str, extra: str) -> None:
-    """Raise AibaError naming the extra to install when ``module`` is not importable."""
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise AibaError(f"backend {backend!r} needs {module!r}: pip install 'aiba[{extra}]'")

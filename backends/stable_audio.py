@@ -60,13 +60,11 @@ from aiba.errors import AibaError
 __all__ = [
     "TinyDiTConfig", "TinySAOPipelineConfig", "load", "load_pipeline", "build_tiny_dit",
     "build_tiny_conditioner", "build_tiny_pipeline", "DiTSampler", "dit_attention_kinds",
-    "PREFIX_TOKENS", "SAT_CFG_COND_FIRST", "DIFFUSERS_CFG_UNCOND_FIRST", "StableAudioBackend",
+    "PREFIX_TOKENS", "StableAudioBackend",
     "StableAudioDiffusersBackend",
 ]
 
 PREFIX_TOKENS = 1  # the prepended global token of both DiTs, at query index 0
-SAT_CFG_COND_FIRST = True  # stable-audio-tools DiT: cat([cond, uncond])
-DIFFUSERS_CFG_UNCOND_FIRST = True  # diffusers StableAudioPipeline: cat([uncond, cond])
 
 
 @dataclass(frozen=True)
