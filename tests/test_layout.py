@@ -292,33 +292,33 @@ def test_cycle_checker_resolves_relative_imports_in_subpackages():
     src = {
         "aiba": ("", True),
         "aiba.backends": ("from .base import B\n", True),
-        "aiba.backends.base": ("from ..tap import T\n", False),
-        "aiba.tap": ("from .backends import base\n", False),
+        "aiba.backends.base": ("from ..core import T\n", False),
+        "aiba.core": ("from .backends import base\n", False),
     }
     g = import_graph(src)
-    assert g["aiba.backends.base"] == {"aiba.tap"}
-    assert g["aiba.tap"] == {"aiba.backends.base"}
-    assert import_cycles(g) == [["aiba.backends.base", "aiba.tap"]]
+    assert g["aiba.backends.base"] == {"aiba.core"}
+    assert g["aiba.core"] == {"aiba.backends.base"}
+    assert import_cycles(g) == [["aiba.backends.base", "aiba.core"]]
 
 
 def test_private_checker_catches_each_form():
     src = {
         "aiba": ("", True),
-        "aiba.tap": ("class T:\n    def _on_call(self):\n        self._acc = 1\n", False),
-        "aiba.evaluate": ("def _config():\n    pass\n", False),
-        "aiba.report": ("from .evaluate import _config\n", False),
-        "aiba.patch": ("def f(tap):\n    tap._on_call()\n    return tap.public\n", False),
-        "aiba.bench": ("from . import evaluate\nimport aiba.tap\nevaluate._config()\nx = aiba.tap.T\n", False),
+        "aiba.sink": ("class T:\n    def _on_call(self):\n        self._acc = 1\n", False),
+        "aiba.conf": ("def _config():\n    pass\n", False),
+        "aiba.rep": ("from .conf import _config\n", False),
+        "aiba.shim": ("def f(tap):\n    tap._on_call()\n    return tap.public\n", False),
+        "aiba.user": ("from . import conf\nimport aiba.sink\nconf._config()\nx = aiba.sink.T\n", False),
         "aiba.ok": ("class U:\n    def _own(self):\n        return other._own, self._acc\n", False),
     }
-    scripts = {"benchmarks/p.py": "from aiba.evaluate import _config\nimport aiba.tap as t\nt._x\n"}
+    scripts = {"benchmarks/p.py": "from aiba.conf import _config\nimport aiba.sink as t\nt._x\n"}
     uses = private_uses(src, scripts)
     assert uses == sorted([
-        "aiba.bench:3: uses aiba.evaluate._config",
-        "aiba.patch:2: uses tap._on_call (private to aiba.tap)",
-        "aiba.report:1: imports _config from aiba.evaluate",
-        "benchmarks/p.py:1: imports _config from aiba.evaluate",
-        "benchmarks/p.py:3: uses aiba.tap._x",
+        "aiba.user:3: uses aiba.conf._config",
+        "aiba.shim:2: uses tap._on_call (private to aiba.sink)",
+        "aiba.rep:1: imports _config from aiba.conf",
+        "benchmarks/p.py:1: imports _config from aiba.conf",
+        "benchmarks/p.py:3: uses aiba.sink._x",
     ]), uses
 
 
