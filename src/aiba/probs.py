@@ -3,7 +3,7 @@
 The fused kernel never hands back its softmax, so the shims recompute it from the very
 ``q``/``k``/mask the kernel saw: ``P = softmax(q k^T * scale + bias)`` (Vaswani et al. 2017,
 Eq. 1), one block of query rows at a time so the temporaries stay under ``budget_bytes``.
-Only the head mean ``A = mean_h P`` leaves this module (docs/method.md, "Capture").
+Only the head mean ``A = mean_h P`` leaves this module (DESIGN.md, "Definitions").
 """
 
 from __future__ import annotations

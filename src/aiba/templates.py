@@ -38,7 +38,7 @@ __all__ = [
 
 # Per-class frequency bands in Hz (lo, hi), the region holding most of a part's energy:
 # fundamental range plus its strongest harmonics, capped at the grid's fmax.
-# Sources: bass 30-250 Hz as in docs/method.md and the paper (Sec. 3: "bass ... low bands
+# Sources: bass 30-250 Hz as in DESIGN.md and the paper (Sec. 3: "bass ... low bands
 # (<250 Hz)"; a 4-string bass's E1 is 41 Hz); guitars and piano "mid-to-high bands" up to
 # 2-5 kHz (Sec. 3), guitar fundamentals from E2 = 82 Hz, piano's common playing range
 # from A1 = 55 Hz; strings: cello C2 = 65 Hz to violin harmonics around 6 kHz, section
