@@ -21,7 +21,7 @@ import torch
 
 from . import mapping
 from .errors import AibaError, AibaWarning
-from .probs import AttnInputs, head_mean_chunks
+from .probs import AttnInputs, prob_chunks
 
 __all__ = ["AttnTap", "CallRecord", "TapMaps", "KINDS", "KERNELS"]
 
@@ -160,7 +160,8 @@ class AttnTap:
         cfg: str | None = None,
         padding: str = "border",
     ) -> None:
-        self._wcache: dict = {}
+        self._wcache: dict = {}  # pooling weights, per layer (cleared when pooling settings change)
+        self._lcache: dict = {}  # (layer, tokens) -> (latent_shape, lattices, lattice)
         if int(target_T) < 1 or int(target_F) < 1:
             raise AibaError(f"target_T and target_F must be >= 1, got {target_T} x {target_F}")
         self.target_T, self.target_F = int(target_T), int(target_F)
@@ -332,79 +333,157 @@ class AttnTap:
         if outside or not self._selected(name, kind):
             rec.captured = False
             return rec
+        self._capture(rec, name, kind, x)
+        return rec
+
+    def _lattice(self, name: str, n: int) -> tuple[int, int]:
+        """The lattice of ``n`` tokens of layer ``name``, cached per layer (and per setting)."""
+        hit = self._lcache.get((name, n))
+        if hit is not None and hit[0] is self.latent_shape and hit[1] is self.lattices:
+            return hit[2]
+        lat = mapping.find_lattice(n, self.latent_shape, name=name, extra=self.lattices)
+        self._lcache[(name, n)] = (self.latent_shape, self.lattices, lat)
+        return lat
+
+    def _pool_vector(self, k_len: int, b: int, hk: int, g: int, device, name: str) -> torch.Tensor:
+        """(B, 1, Hk * Lk * g) float32: the pooling weights W_j / H in the keys-first layout of
+        the probabilities, so that one matmul does the head mean and the token pooling."""
+        key = ("vec", name, k_len, b, hk, g, device)
+        vec = self._wcache.get(key)
+        if vec is None:
+            w, _ = self._pool_weights(k_len, b, device, name)  # (B|1, Lk)
+            vec = (w.float() / (hk * g))[:, None, :, None].expand(b, hk, k_len, g).reshape(b, 1, hk * k_len * g)
+            self._wcache[key] = vec
+        return vec
+
+    def _row_vector(self, b: int, n: int, value: float, device) -> torch.Tensor:
+        """(B, 1, n) filled with ``value`` (the self-attention sum over heads and queries)."""
+        key = ("ones", b, n, value, device)
+        vec = self._wcache.get(key)
+        if vec is None:
+            vec = self._wcache[key] = torch.full((b, 1, n), value, dtype=torch.float32, device=device)
+        return vec
+
+    def _capture(self, rec: CallRecord, name: str, kind: str, x: AttnInputs) -> None:
+        """Recompute a selected call's probabilities and fold them into the layer's map.
+
+        Cross calls are recomputed keys-first, so the head mean and the token pooling are one
+        matmul against a cached weight vector, and with the default settings (mean aggregate,
+        no per-call grids) that matmul adds straight into the layer's running sum on its lattice
+        (``baddbmm_``): per chunk one ``baddbmm`` (scores, scale included), one in-place
+        softmax and that one fold. Self calls sum the attention each key receives the same way.
+        """
         keep_probs = "probs" in self.keep
         mapped = self.latent_shape is not None
         if not (keep_probs or mapped):
-            return rec  # a record is all that was asked for: nothing to recompute
+            return  # a record is all that was asked for: nothing to recompute
+        x = x.select_batch(self._batch_rows(rec.batch, name))
+        b, h, lq, lk = x.shape
+        hk = x.k.shape[1]
+        g = h // hk
         device = x.q.device
-        x = x.select_batch(self._batch_rows(b, name))
-        bk = x.shape[0]
-        probs = torch.empty(bk, lq, lk, dtype=torch.float32, device=device) if keep_probs else None
+        p = self.prefix_tokens
         cross = kind == "cross"
-        if mapped and cross:
-            weights, mask = self._pool_weights(lk, bk, device, name)
-            pooled = torch.empty((bk, lq) if self.pool is not None else (bk, lq, lk), dtype=torch.float32, device=device)
-        elif mapped:
-            received = torch.zeros(bk, lk, dtype=torch.float32, device=device)
-        for start, stop, a in head_mean_chunks(x, self.budget_bytes):  # a: (B, c, Lk)
-            if keep_probs:
-                probs[:, start:stop] = a
-            if mapped and cross:
-                pooled[:, start:stop] = mapping.pool_queries(a, self.pool, weights, mask)
-            elif mapped:
-                received += a.sum(dim=1)  # attention each key position receives
+        n = (lq if cross else lk) - p  # lattice cells: queries (cross) or keys (self)
+        lat = rec.lattice = self._lattice(name, n) if mapped else None
+        per_call = self.aggregate == "max" or bool({"calls", "steps"} & self.keep)  # grids resized per call
+        fused = mapped and not per_call and (not cross or self.pool in ("mean", "subset", "softmax"))
+        probs = torch.empty(b, lq, lk, dtype=torch.float32, device=device) if keep_probs else None
+        if fused:
+            acc, w = self._acc_weight(name, (b, *lat), rec.step, device)
+            acc3 = acc.total.view(b, 1, n)  # (B, 1, T'*F'): the running sum, flat
+        pool = self.pool if cross else None
+        head_mean = keep_probs or (cross and mapped and pool in ("max", None))
+        row = b * lk * 4 * (2 if pool == "max" else 1) if head_mean else 0  # head mean (+ its masked copy)
+        fixed = 0
+        if mapped and not fused:
+            out_shape = (b, lq) if cross and pool is not None else (b, lk, lq) if cross else (b, 1, lk)
+            out = torch.zeros(out_shape, dtype=torch.float32, device=device)  # pooled values | received
+            fixed = out.numel() * 4
+            row += b * 4
+        if cross:
+            vec = self._pool_vector(lk, b, hk, g, device, name) if mapped and pool not in ("max", None) else None
+            if pool == "max":
+                _, mask = self._pool_weights(lk, b, device, name)
+            for start, stop, p5 in prob_chunks(x, self.budget_bytes, keys_first=True, row_bytes=row, fixed_bytes=fixed):
+                c = stop - start  # p5: (B, Hk, Lk, g, c)
+                if head_mean:
+                    at = p5.mean(dim=(1, 3))  # (B, Lk, c): head-mean probabilities, keys first
+                    if keep_probs:
+                        probs[:, start:stop] = at.transpose(1, 2)
+                if not mapped:
+                    continue
+                if fused:
+                    p3 = p5.view(b, hk * lk * g, c)
+                    if p == 0 and c == lq:
+                        acc3.baddbmm_(vec, p3, alpha=w)  # head mean + pooling + fold: (B, 1, N)
+                    elif stop > p:
+                        lo = max(start, p)
+                        acc3[:, :, lo - p : stop - p].baddbmm_(vec, p3[:, :, lo - start :], alpha=w)
+                elif pool is None:
+                    out[:, :, start:stop] = at
+                elif pool == "max":
+                    if mask is not None:
+                        at = at.masked_fill(~mask[:, :, None], float("-inf"))
+                    out[:, start:stop] = at.amax(dim=1)  # (B, c)
+                else:
+                    out[:, start:stop] = torch.bmm(vec, p5.view(b, hk * lk * g, c)).view(b, c)
+        else:
+            for start, stop, p5 in prob_chunks(x, self.budget_bytes, row_bytes=row, fixed_bytes=fixed):
+                c = stop - start  # p5: (B, Hk, g, c, Lk)
+                if keep_probs:
+                    torch.mean(p5.view(b, h, c, lk), dim=1, out=probs[:, start:stop])
+                if mapped:
+                    ones = self._row_vector(b, h * c, 1.0 / (h * lq), device)  # mean over heads and queries
+                    p3 = p5.view(b, h * c, lk)
+                    if fused:
+                        acc3.baddbmm_(ones, p3[:, :, p:] if p else p3, alpha=w)  # attention each key receives
+                    else:
+                        out.baddbmm_(ones, p3)
         if keep_probs:
             rec.probs = probs.cpu()
-        if mapped:
-            p = self.prefix_tokens
-            if cross:
-                values = pooled[:, p:] if self.pool is not None else pooled[:, p:].transpose(1, 2)  # (B, N) | (B, Lk, N)
+        if not mapped or fused:
+            return
+        if cross:
+            values = out[:, p:] if pool is not None else out[:, :, p:]  # (B, N) | (B, Lk, N)
+        else:
+            values = out[:, 0, p:]  # (B, N): mean attention received, keys = lattice cells
+        lattice_map = mapping.to_lattice(values, lat)  # (B, [Lk,] T', F')
+        if not per_call:
+            # resizing is linear: a weighted mean of resized maps is the resized weighted mean,
+            # so the sums stay on the lattice and maps() resizes each layer once
+            self._fold(name, lattice_map, rec.step, on_lattice=True)
+            return
+        grid = mapping.resize(lattice_map, self._grid_size, self.padding)  # (B, [Lk,] T, F)
+        if "calls" in self.keep:
+            rec.grid = grid.cpu()
+        if "steps" in self.keep:
+            held = self._steps.get(rec.step)
+            if held is None:
+                self._steps[rec.step] = [grid.clone(), 1]
             else:
-                values = received[:, p:] / lq  # (B, N): mean attention received, keys = lattice cells
-            n = values.shape[-1]
-            rec.lattice = mapping.find_lattice(n, self.latent_shape, name=name, extra=self.lattices)
-            lattice_map = mapping.to_lattice(values, rec.lattice)  # (B, [Lk,] T', F')
-            if not ({"calls", "steps"} & self.keep or self.aggregate == "max"):
-                # resizing is linear: a weighted mean of resized maps is the resized weighted mean,
-                # so the sums stay on the lattice and maps() resizes each layer once
-                self._fold(name, lattice_map, rec.step, on_lattice=True)
-                return rec
-            grid = mapping.resize(lattice_map, self._grid_size, self.padding)  # (B, [Lk,] T, F)
-            if "calls" in self.keep:
-                rec.grid = grid.cpu()
-            if "steps" in self.keep:
-                held = self._steps.get(rec.step)
-                if held is None:
-                    self._steps[rec.step] = [grid.clone(), 1]
-                else:
-                    held[0].add_(grid)
-                    held[1] += 1
-            self._fold(name, grid, rec.step)
-        return rec
+                held[0].add_(grid)
+                held[1] += 1
+        self._fold(name, grid, rec.step)
 
     @property
     def _grid_size(self) -> tuple[int, int]:
         return self.target_T, self.target_F if self.freq_resolved else 1
 
-    def _fold(self, name: str, grid: torch.Tensor, step: int, on_lattice: bool = False) -> None:
+    def _acc_weight(self, name: str, shape, step: int, device, on_lattice: bool = True) -> tuple["_LayerAcc", float]:
+        """Mean aggregate: the layer's running sum (zeros at first), re-referenced to the newest
+        step, and the weight of a call at ``step``; counts the call."""
         acc = self._acc.get(name)
         if acc is None:
-            acc = self._acc[name] = _LayerAcc(torch.zeros_like(grid) if self.aggregate == "mean" else grid.clone(), 0.0,
-                                              step, on_lattice=on_lattice)
-            if self.aggregate == "max":
-                acc.steps.add(step)
-                acc.calls += 1
-                return
-        if acc.total.shape != grid.shape or acc.on_lattice != on_lattice:
+            acc = self._acc[name] = _LayerAcc(torch.zeros(shape, dtype=torch.float32, device=device), 0.0, step,
+                                              on_lattice=on_lattice)
+        elif acc.total.shape != shape or acc.on_lattice != on_lattice:
             raise AibaError(
-                f"layer {name!r}: map of shape {tuple(grid.shape)} does not match the {tuple(acc.total.shape)} accumulated "
+                f"layer {name!r}: map of shape {tuple(shape)} does not match the {tuple(acc.total.shape)} accumulated "
                 "so far (batch or prompt length changed?); call tap.reset() between runs"
             )
         acc.steps.add(step)
         acc.calls += 1
-        if self.aggregate == "max":
-            torch.maximum(acc.total, grid, out=acc.total)
-            return
         w = 1.0
         if self.weights == "late":
             if step > acc.last:  # re-reference the sums to the newer step
@@ -414,8 +493,26 @@ class AttnTap:
                 acc.last = step
             else:
                 w = self.gamma ** (acc.last - step)
-        acc.total.add_(grid, alpha=w)
         acc.weight += w
+        return acc, w
+
+    def _fold(self, name: str, grid: torch.Tensor, step: int, on_lattice: bool = False) -> None:
+        if self.aggregate == "mean":
+            acc, w = self._acc_weight(name, grid.shape, step, grid.device, on_lattice)
+            acc.total.add_(grid, alpha=w)
+            return
+        acc = self._acc.get(name)
+        if acc is None:
+            acc = self._acc[name] = _LayerAcc(grid.clone(), 0.0, step, on_lattice=on_lattice)
+        elif acc.total.shape != grid.shape or acc.on_lattice != on_lattice:
+            raise AibaError(
+                f"layer {name!r}: map of shape {tuple(grid.shape)} does not match the {tuple(acc.total.shape)} accumulated "
+                "so far (batch or prompt length changed?); call tap.reset() between runs"
+            )
+        else:
+            torch.maximum(acc.total, grid, out=acc.total)
+        acc.steps.add(step)
+        acc.calls += 1
 
     # ------------------------------------------------------------------ maps
     def maps(self, layers: str | Sequence[str] | Callable[[str], bool] | None = None,
