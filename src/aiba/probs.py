@@ -204,6 +204,7 @@ def prob_chunks(x: AttnInputs, budget_bytes: int = 64 << 20, *, keys_first: bool
             else:
                 s3 = torch.baddbmm(dummy, q3, k3.transpose(1, 2), beta=0, alpha=scale, out=out)  # (B*Hk, g*c, Lk)
                 p5 = s3.view(b, hk, g, c, lk)
+            del q3  # a chunk's copy of q must not outlive it
             if x.softcap:
                 s3.div_(x.softcap).tanh_().mul_(x.softcap)
             if maskable:

@@ -515,6 +515,22 @@ class AttnTap:
         acc.calls += 1
 
     # ------------------------------------------------------------------ maps
+    def _warn_nonfinite(self, accs: Mapping[str, _LayerAcc]) -> None:
+        """Warn once per layer whose sums hold NaN or inf (q or k of a captured call were not
+        finite, e.g. a half-precision overflow). Checked when maps are read, so the capture path
+        never waits on the device; the maps are returned as computed."""
+        for n, a in accs.items():
+            if ("nonfinite", n) in self._warned or bool(torch.isfinite(a.total).all()):
+                continue
+            self._warned.add(("nonfinite", n))
+            warnings.warn(
+                f"layer {n!r}: its map holds NaN or inf ({int((~torch.isfinite(a.total)).sum())} of "
+                f"{a.total.numel()} cells of shape {tuple(a.total.shape)}): q or k of a captured call were not finite "
+                "(an overflow in half precision?); the map is returned as computed",
+                AibaWarning,
+                stacklevel=3,
+            )
+
     def maps(self, layers: str | Sequence[str] | Callable[[str], bool] | None = None,
              layer_weights: Mapping[str, float] | None = None) -> TapMaps:
         """Aggregate the captured calls (Eq. 8) into CPU maps.
@@ -540,6 +556,7 @@ class AttnTap:
                 raise AibaError(f"layer_weights lack layers {unknown[:4]}; got weights for {list(lw)[:4]}")
             if any(float(lw[n]) < 0 for n in accs):
                 raise AibaError("layer weights must be non-negative")
+        self._warn_nonfinite(accs)
         totals = {n: mapping.resize(a.total, self._grid_size, self.padding) if a.on_lattice else a.total
                   for n, a in accs.items()}  # (B, [Lk,] T, F) per layer
         shapes = {tuple(t.shape) for t in totals.values()}
