@@ -616,6 +616,170 @@ def bench_model(model: BenchModel, cfg: BenchConfig, log: Callable[[str], None] 
                 modes=rows)
 
 
+# ------------------------------------------------------------- per-call overhead
+PER_CALL_MODES = ("plain-cross", "plain-self", "not-selected", "selected-cross", "hand-recompute")
+# what each overhead line subtracts: (mode, its plain baseline)
+PER_CALL_LINES = {"not selected": ("not-selected", "plain-self"), "selected cross pooled": ("selected-cross", "plain-cross"),
+                  "hand-written recompute": ("hand-recompute", "plain-cross")}
+PER_CALL_SHAPE = dict(batch=2, heads=4, head_dim=16, lattice=(8, 8), context=10, context_dim=32, content=6)
+
+
+class _Processor:
+    """A minimal attention processor (module -> processor -> SDPA), shared by every mode."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_):
+        b, n, _ = hidden_states.shape
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        h = attn.heads
+        q = attn.to_q(hidden_states).view(b, n, h, -1).transpose(1, 2)  # (B, H, N, d)
+        k = attn.to_k(ctx).view(b, ctx.shape[1], h, -1).transpose(1, 2)  # (B, H, S, d)
+        v = attn.to_v(ctx).view(b, ctx.shape[1], h, -1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
+        o = self.after(q, k, encoder_hidden_states is not None, o)
+        return attn.to_out[0](o.transpose(1, 2).reshape(b, n, -1))
+
+    def after(self, q, k, cross, o):
+        return o
+
+
+class _RecomputeProcessor(_Processor):
+    """What a user writes by hand: the same probabilities as aiba's cross capture (head mean,
+    mean over the content tokens, conditional half), summed on the device."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        self.w = weights  # (Lk,) content-token weights
+        self.total = None
+
+    def after(self, q, k, cross, o):
+        if cross:
+            p = torch.softmax(q[1:] @ k[1:].transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)  # cond half (1, H, N, S)
+            pooled = p.mean(dim=1) @ self.w  # (1, N)
+            self.total = pooled if self.total is None else self.total.add_(pooled)
+        return o
+
+
+class _AttnModule(nn.Module):
+    """diffusers' ``Attention`` contract (to_q/to_k/to_v/to_out, ``heads``, a processor) for a
+    machine without diffusers."""
+
+    def __init__(self, dim: int, heads: int, ctx_dim: int | None) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(ctx_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(ctx_dim or dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.processor = _Processor()
+
+    def set_processor(self, p) -> None:
+        self.processor = p
+
+    def forward(self, hidden_states, encoder_hidden_states=None):
+        return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states)
+
+
+def _per_call_modules(device, dtype, shape: dict):
+    dim = shape["heads"] * shape["head_dim"]
+    try:
+        from diffusers.models.attention_processor import Attention
+
+        make = lambda ctx: Attention(dim, cross_attention_dim=ctx, heads=shape["heads"], dim_head=shape["head_dim"])  # noqa: E731
+        kind = "diffusers Attention"
+    except ImportError:
+        make = lambda ctx: _AttnModule(dim, shape["heads"], ctx)  # noqa: E731
+        kind = "diffusers-style module (diffusers not installed)"
+    with torch.device(device):
+        model = nn.ModuleDict({"attn1": make(None), "attn2": make(shape["context_dim"])}).to(dtype).eval()
+    for m in model.values():
+        m.set_processor(_Processor())
+    return model, kind
+
+
+def per_call(device: str = "cpu", dtype: torch.dtype = torch.float32, calls: int = 200, reps: int = 15,
+             shape: dict | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Host microseconds per attention call (module -> processor -> SDPA), thread CPU time.
+
+    Modes, interleaved in an order that rotates every repetition, each a block of ``calls``
+    calls after 10 untimed ones: ``plain-cross``/``plain-self`` (no capture),
+    ``not-selected`` (a self call under ``AttnTap(kinds=("cross",))``), ``selected-cross``
+    (``AttnTap(pool="mean", latent_shape=lattice, content=..., cfg)``, the call mapped and
+    folded), ``hand-recompute`` (a processor recomputing the same pooled probabilities).
+    Overheads are paired per repetition (mode minus its plain baseline in the same
+    repetition): median, quartiles, min/max; every raw time is kept.
+    """
+    from .patch import combined_patch
+    from .tap import AttnTap
+
+    shape = dict(PER_CALL_SHAPE, **(shape or {}))
+    dev = torch.device(device)
+    model, module_kind = _per_call_modules(dev, dtype, shape)
+    b, (t, f) = shape["batch"], shape["lattice"]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, t * f, shape["heads"] * shape["head_dim"], generator=gen).to(dev, dtype)  # (B, T'*F', dim)
+    ctx = torch.randn(b, shape["context"], shape["context_dim"], generator=gen).to(dev, dtype)  # (B, S, ctx_dim)
+    content = list(range(shape["content"]))
+    w = torch.zeros(shape["context"], device=dev, dtype=dtype)
+    w[content] = 1.0 / len(content)
+    cross, selfm = model["attn2"], model["attn1"]
+    taps = {"not-selected": AttnTap(kinds=("cross",), latent_shape=(t, f), content=content, cfg="uncond_first"),
+            "selected-cross": AttnTap(pool="mean", kinds=("cross",), latent_shape=(t, f), content=content,
+                                      cfg="uncond_first")}
+    hand = _RecomputeProcessor(w)
+
+    def block(mode: str):
+        if mode in taps:
+            return combined_patch(taps[mode], model=model)
+        return contextlib.nullcontext()
+
+    calls_of = {"plain-cross": lambda: cross(x, encoder_hidden_states=ctx), "plain-self": lambda: selfm(x),
+                "not-selected": lambda: selfm(x), "selected-cross": lambda: cross(x, encoder_hidden_states=ctx),
+                "hand-recompute": lambda: cross(x, encoder_hidden_states=ctx)}
+    raw: dict[str, list[float]] = {m: [] for m in PER_CALL_MODES}
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        for rep in range(reps):
+            order = PER_CALL_MODES[rep % len(PER_CALL_MODES):] + PER_CALL_MODES[: rep % len(PER_CALL_MODES)]
+            for mode in order:
+                fn = calls_of[mode]
+                if mode == "hand-recompute":
+                    cross.set_processor(hand)
+                with block(mode):
+                    for _ in range(10):
+                        fn()
+                    t0 = time.thread_time_ns()
+                    for _ in range(calls):
+                        fn()
+                    _sync(dev)
+                    raw[mode].append((time.thread_time_ns() - t0) / calls / 1e3)
+                cross.set_processor(_Processor())
+                for tap in taps.values():
+                    tap.store.clear()
+                    tap.next_step()
+            log(f"  per-call rep {rep + 1}/{reps}: " + " ".join(f"{m}={raw[m][-1]:.1f}us" for m in PER_CALL_MODES))
+    assert all(r.captured for r in taps["selected-cross"].store) if taps["selected-cross"].store else True
+    out = {"module": module_kind, "device": str(dev), "dtype": str(dtype).replace("torch.", ""), "threads": threads,
+           "calls": calls, "reps": reps, "shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()},
+           "clock": "thread CPU time (time.thread_time_ns)", "us": {}, "overhead_us": {}}
+    for m, ts in raw.items():
+        out["us"][m] = dict(_spread(ts), all=ts)
+    for line, (m, base) in PER_CALL_LINES.items():
+        diffs = [a - c for a, c in zip(raw[m], raw[base])]
+        out["overhead_us"][line] = dict(_spread(diffs), all=diffs, mode=m, baseline=base)
+    return out
+
+
+def _spread(ts: list[float]) -> dict:
+    q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+    return {"median": statistics.median(ts), "q1": q[0], "q3": q[2], "min": min(ts), "max": max(ts)}
+
+
+def format_per_call(pc: dict) -> str:
+    """One line: per-call host overhead of each case over plain SDPA, median [q1, q3]."""
+    parts = [f"{line} {v['median']:+.1f} us [{v['q1']:+.1f}, {v['q3']:+.1f}]" for line, v in pc["overhead_us"].items()]
+    return (f"per call over plain SDPA ({pc['device']}, {pc['threads']} thread(s), thread time, median [IQR] of "
+            f"{pc['reps']}; plain cross {pc['us']['plain-cross']['median']:.1f} us): " + ", ".join(parts))
+
+
 def _info(cfg: BenchConfig) -> dict:
     from . import __version__
 

@@ -21,7 +21,7 @@ import torch
 
 from .errors import AibaError
 
-__all__ = ["AttnInputs", "chunk_rows", "prob_chunks", "head_mean_chunks", "head_mean_probs"]
+__all__ = ["AttnInputs", "chunk_rows", "prob_chunks", "head_mean_chunks", "head_mean_probs", "fold_pooled_item"]
 
 _F32 = torch.float32
 _NEG_INF = float("-inf")
@@ -252,3 +252,27 @@ def head_mean_probs(x: AttnInputs, budget_bytes: int = 64 << 20) -> torch.Tensor
     for start, stop, p5 in prob_chunks(x, budget_bytes):
         torch.mean(p5.view(b, h, stop - start, lk), dim=1, out=out[:, start:stop])
     return out
+
+
+def fold_pooled_item(q: torch.Tensor, k: torch.Tensor, scale: float | None, weights: torch.Tensor, acc: torch.Tensor,
+                     alpha: float = 1.0, prefix: int = 0) -> None:
+    """One batch item, one chunk, no mask: ``acc += alpha * sum_h weights[h] @ P_h[:, prefix:]``.
+
+    ``q`` (H, Lq, E) and ``k`` (H, Lk, E) (views of one batch item, any strides with a unit
+    last stride; half types are copied to float32), ``weights`` (1, H*Lk) float32 (the pooling
+    weight of each key / H, tiled over heads: head mean and token pooling in one matmul), ``acc`` (1, Lq - prefix) float32, added
+    in place. P_h = softmax(k q^T * scale) over keys, keys-first (Lk, Lq): three kernels for
+    float32 inputs (``baddbmm``, in-place ``softmax``, ``addmm_``), five for half types.
+    The caller checks that the (H, Lk, Lq) block fits its budget.
+    """
+    if q.requires_grad or k.requires_grad:
+        q, k = q.detach(), k.detach()
+    if q.dtype != _F32:
+        q, k = q.to(_F32), k.to(_F32)
+    dummy = _DUMMY.get(q.device)
+    if dummy is None:
+        dummy = _DUMMY[q.device] = torch.empty(1, 1, 1, dtype=_F32, device=q.device)
+    s = torch.baddbmm(dummy, k, q.transpose(1, 2), beta=0, alpha=scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    torch.softmax(s, 1, out=s)  # (H, Lk, Lq), in place
+    s2 = s.view(-1, s.shape[-1])  # (H*Lk, Lq): heads and keys adjacent
+    acc.addmm_(weights, s2[:, prefix:] if prefix else s2, alpha=alpha)  # (1, H*Lk) @ (H*Lk, N)

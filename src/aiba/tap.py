@@ -21,13 +21,14 @@ import torch
 
 from . import mapping
 from .errors import AibaError, AibaWarning
-from .probs import AttnInputs, prob_chunks
+from .probs import AttnInputs, fold_pooled_item, prob_chunks
 
 __all__ = ["AttnTap", "CallRecord", "TapMaps", "KINDS", "KERNELS"]
 
 KINDS = ("cross", "self")
 KERNELS = ("sdpa", "mha", "xformers", "flash_attn")
 KEEP = ("calls", "probs", "steps")
+_WEIGHTED = ("mean", "subset", "softmax")  # pools that weight the keys (one matmul with the head mean)
 
 
 @dataclass(slots=True)
@@ -364,6 +365,51 @@ class AttnTap:
             vec = self._wcache[key] = torch.full((b, 1, n), value, dtype=torch.float32, device=device)
         return vec
 
+    def _capture_item(self, rec: CallRecord, name: str, x: AttnInputs, item: int) -> bool:
+        """The common cross call: one kept batch item (e.g. the conditional CFG half), no mask,
+        one key head per query head, the whole (H, Lk, Lq) block within the budget. Folds the
+        pooled probabilities straight into the layer's running sum (three kernels for float32,
+        five for half types; see :func:`aiba.probs.fold_pooled_item`). False: not applicable.
+
+        What a layer needs (lattice, sum, pooling vector) is cached per layer as a plan, valid
+        while the call's shapes, the layer's sum and the mapping settings stay the same (the
+        plan lives in the pooling cache, which pooling settings clear)."""
+        q, k = x.q, x.k
+        qs, ks = q.shape, k.shape
+        plan = self._wcache.get(("plan", name))
+        if (plan is None or plan[0] != qs or plan[1] != ks or plan[2] is not q.dtype or plan[3] is not self._acc.get(name)
+                or plan[4] is not self.latent_shape or plan[5] != (self.prefix_tokens, self.lattices, self.budget_bytes)):
+            plan = self._item_plan(name, q, k)
+            if plan is None:
+                return False
+        acc, flat, vec, lat = plan[3], plan[6], plan[7], plan[8]
+        rec.lattice = lat
+        fold_pooled_item(q[item], k[item], x.scale, vec, flat, self._count(acc, rec.step), self.prefix_tokens)
+        return True
+
+    def _item_plan(self, name: str, q: torch.Tensor, k: torch.Tensor) -> tuple | None:
+        _, h, lq, e = q.shape
+        lk = k.shape[2]
+        if k.shape[1] != h:
+            return None
+        block = h * lk * lq * 4 + (0 if q.dtype == torch.float32 else (lq + lk) * h * e * 4)
+        if block > self.budget_bytes:
+            return None
+        lat = self._lattice(name, lq - self.prefix_tokens)
+        device = q.device
+        acc = self._acc.get(name)
+        if acc is None:
+            acc = self._acc[name] = _LayerAcc(torch.zeros((1, *lat), dtype=torch.float32, device=device), 0.0, 0,
+                                              on_lattice=True)
+        elif tuple(acc.total.shape) != (1, *lat) or not acc.on_lattice:
+            return None  # the general path names the mismatch
+        flat = acc.total.view(1, lat[0] * lat[1])  # (1, T'*F')
+        vec = self._pool_vector(lk, 1, h, 1, device, name).view(1, h * lk)  # W_j / H, tiled over heads
+        plan = (q.shape, k.shape, q.dtype, acc, self.latent_shape, (self.prefix_tokens, self.lattices, self.budget_bytes),
+                flat, vec, lat)
+        self._wcache[("plan", name)] = plan
+        return plan
+
     def _capture(self, rec: CallRecord, name: str, kind: str, x: AttnInputs) -> None:
         """Recompute a selected call's probabilities and fold them into the layer's map.
 
@@ -377,7 +423,14 @@ class AttnTap:
         mapped = self.latent_shape is not None
         if not (keep_probs or mapped):
             return  # a record is all that was asked for: nothing to recompute
-        x = x.select_batch(self._batch_rows(rec.batch, name))
+        rows = self._batch_rows(rec.batch, name)
+        if (kind == "cross" and mapped and not keep_probs and self.aggregate == "mean" and self.pool in _WEIGHTED
+                and x.bias is None and x.causal is None and not x.softcap and x.window == (-1, -1)
+                and not ("calls" in self.keep or "steps" in self.keep)):
+            item = (0 if rec.batch == 1 else None) if rows is None else rows.start if rows.stop - rows.start == 1 else None
+            if item is not None and self._capture_item(rec, name, x, item):
+                return
+        x = x.select_batch(rows)
         b, h, lq, lk = x.shape
         hk = x.k.shape[1]
         g = h // hk
@@ -482,6 +535,13 @@ class AttnTap:
                 f"layer {name!r}: map of shape {tuple(shape)} does not match the {tuple(acc.total.shape)} accumulated "
                 "so far (batch or prompt length changed?); call tap.reset() between runs"
             )
+        return acc, self._count(acc, step)
+
+    def _count(self, acc: "_LayerAcc", step: int) -> float:
+        """Count a call at ``step`` into ``acc`` (mean aggregate) and return its weight; with
+        "late" weights the sums are first re-referenced to the newest step."""
+        if not acc.calls:
+            acc.last = step
         acc.steps.add(step)
         acc.calls += 1
         w = 1.0
@@ -494,7 +554,7 @@ class AttnTap:
             else:
                 w = self.gamma ** (acc.last - step)
         acc.weight += w
-        return acc, w
+        return w
 
     def _fold(self, name: str, grid: torch.Tensor, step: int, on_lattice: bool = False) -> None:
         if self.aggregate == "mean":
