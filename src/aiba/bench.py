@@ -12,22 +12,31 @@ eager, ..., none), and the median is kept:
 - ``aiba-cross``: ``combined_patch`` with ``AttnTap(kinds=("cross",))``, mapping on;
 - ``aiba-all``: ``AttnTap(kinds=("cross", "self"))``.
 
-Only the forward is timed (CUDA events on a GPU, ``perf_counter`` on the CPU); entering and
-leaving the capture block is timed separately (``enter_ms``), as a run enters it once per
-generation, not once per step.
+Only the steady state is timed (CUDA events on a GPU, ``perf_counter`` on the CPU): inside
+each block one untimed forward runs first, then the timed one; entering and leaving the
+capture block is timed separately (``enter_ms``), as a run enters it once per generation, not
+once per step. On the CPU the run uses one torch thread unless told otherwise
+(``BenchConfig.threads``). :func:`per_call` adds the host microseconds each attention call
+costs (not selected, selected cross pooled, a hand-written recompute processor, each minus
+plain SDPA).
 
 JSON schema (``SCHEMA``)::
 
     {"schema": "aiba-bench/1",
      "info": {"torch", "aiba", "device", "device_name", "dtype", "batch", "reps", "warmup",
               "steps", "threads", "platform", "notes": [str]},
+     "per_call": {"module", "device", "dtype", "threads", "calls", "reps", "shape", "clock",
+                  "us": {MODE: SPREAD}, "overhead_us": {LINE: SPREAD + {"mode", "baseline"}}},
      "models": {NAME: {"backend", "size": "full" | "default", "params", "config": {...},
                        "latent_shape": [T, F] | [T], "prefix_tokens", "context_tokens": [int],
                        "calls_per_forward": {"cross": int, "self": int},
                        "modes": {MODE: ROW}} | {"backend", "error": str}}}
 
-    ROW = {"ms": median, "ms_min", "ms_max", "ms_all": [per repetition],
+    SPREAD = {"median", "q1", "q3", "min", "max", "all": [every raw value]} (microseconds)
+    ROW = {"ms": median, "ms_min", "ms_max", "ms_q1", "ms_q3", "ms_all": [per repetition],
            "ratio": ms / ms of "none" (same run), "ratio_min": ms_min / ms_min of "none",
+           "ratio_all": [ms / ms of "none" of the same repetition], "ratio_paired": their
+                       median, "ratio_q1", "ratio_q3": their quartiles,
            "peak_mib": device memory high-water of one forward above what was allocated
                        before it (CUDA), null on the CPU (no allocator statistics there),
            "peak_extra_mib": peak_mib - peak_mib of "none" (null on the CPU),
@@ -114,6 +123,9 @@ class BenchConfig:
     steps: int = 4  # steps run to measure the capture state (after 2 and after `steps`)
     target: tuple[int, int] = (128, 64)  # the tap's (target_T, target_F) grid
     seed: int = 0
+    threads: int | None = None  # torch CPU threads; None: 1 on the CPU (steady timings), torch's own on CUDA
+    per_call: bool = True  # also measure the per-call host overhead (aiba.bench.per_call)
+    per_call_calls: int = 200  # calls per timed block of the per-call measurement
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -468,10 +480,15 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed_forward(mode: _Mode, device: torch.device) -> float:
-    """ms of one forward inside the mode's (already built) capture block; the block's own
-    entry is outside the timed region."""
+    """ms of one steady-state forward inside the mode's (already built) capture block: the
+    block's own entry is outside the timed region, and one untimed forward runs inside the
+    block first (the first forward after entering pays one-off costs a generation pays once)."""
     fwd = mode.model.forward
     with mode.block():
+        fwd()
+        _sync(device)
+        mode.after()
+        mode.clear_store()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -587,7 +604,8 @@ def bench_model(model: BenchModel, cfg: BenchConfig, log: Callable[[str], None] 
             copies, nbytes, calls = _counts(r, device)
             at2, end, records, n_layers = _state(r, cfg.steps)
             ts = times[m]
-            rows[m] = dict(ms=statistics.median(ts), ms_min=min(ts), ms_max=max(ts), ms_all=ts,
+            q1, _, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (ts[0],) * 3
+            rows[m] = dict(ms=statistics.median(ts), ms_min=min(ts), ms_max=max(ts), ms_q1=q1, ms_q3=q3, ms_all=ts,
                            peak_mib=_peak_mib(r, device), captured_calls=calls, host_copies_total=copies,
                            host_bytes_total=nbytes, state_mib_2=at2 / MIB, state_mib=end / MIB,
                            state_grows=end > at2, enter_ms=_enter_ms(r, device) if m != "none" else 0.0,
@@ -596,6 +614,10 @@ def bench_model(model: BenchModel, cfg: BenchConfig, log: Callable[[str], None] 
     for m, row in rows.items():
         row["ratio"] = row["ms"] / base["ms"]
         row["ratio_min"] = row["ms_min"] / base["ms_min"]  # less sensitive to a busy machine
+        # paired: each repetition's forward against "none" of the same repetition
+        row["ratio_all"] = [a / c for a, c in zip(row["ms_all"], base["ms_all"])]
+        rq = statistics.quantiles(row["ratio_all"], n=4) if len(row["ratio_all"]) > 1 else [row["ratio_all"][0]] * 3
+        row["ratio_paired"], row["ratio_q1"], row["ratio_q3"] = statistics.median(row["ratio_all"]), rq[0], rq[2]
         row["peak_extra_mib"] = None if row["peak_mib"] is None else row["peak_mib"] - base["peak_mib"]
         row["host_copies_per_step"] = row["host_copies_total"] - base["host_copies_total"]
         row["host_mib_per_step"] = (row["host_bytes_total"] - base["host_bytes_total"]) / MIB
@@ -752,11 +774,14 @@ def per_call(device: str = "cpu", dtype: torch.dtype = torch.float32, calls: int
                     _sync(dev)
                     raw[mode].append((time.thread_time_ns() - t0) / calls / 1e3)
                 cross.set_processor(_Processor())
+                if mode in taps:  # the block measured what it claims: every call captured, or none
+                    captured = sum(r.captured for r in taps[mode].store)
+                    if captured != (calls + 10 if mode == "selected-cross" else 0) or len(taps[mode].store) != calls + 10:
+                        raise AibaError(f"per-call mode {mode!r}: {captured} of {len(taps[mode].store)} calls captured")
                 for tap in taps.values():
                     tap.store.clear()
                     tap.next_step()
             log(f"  per-call rep {rep + 1}/{reps}: " + " ".join(f"{m}={raw[m][-1]:.1f}us" for m in PER_CALL_MODES))
-    assert all(r.captured for r in taps["selected-cross"].store) if taps["selected-cross"].store else True
     out = {"module": module_kind, "device": str(dev), "dtype": str(dtype).replace("torch.", ""), "threads": threads,
            "calls": calls, "reps": reps, "shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()},
            "clock": "thread CPU time (time.thread_time_ns)", "us": {}, "overhead_us": {}}
@@ -805,9 +830,31 @@ def _info(cfg: BenchConfig) -> dict:
                 steps=cfg.steps, threads=torch.get_num_threads(), platform=platform.platform(), notes=notes)
 
 
+@contextlib.contextmanager
+def _threads(cfg: BenchConfig) -> Iterator[None]:
+    """torch's CPU threads for the run: ``cfg.threads``, else 1 on the CPU (with 2 threads on a
+    shared machine OpenMP barriers stall whenever another process holds a core)."""
+    n = cfg.threads if cfg.threads is not None else (1 if torch.device(cfg.device).type == "cpu" else None)
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, result: dict | None = None) -> dict:
     """Build ``cfg.backend``'s models and bench each; adds to ``result`` (a previous run's dict)."""
+    with _threads(cfg):
+        return _run(cfg, log, result)
+
+
+def _run(cfg: BenchConfig, log: Callable[[str], None], result: dict | None) -> dict:
     result = result if result is not None else {"schema": SCHEMA, "info": _info(cfg), "models": {}}
+    if cfg.per_call and "per_call" not in result:
+        log("per-call host overhead")
+        result["per_call"] = per_call(cfg.device, cfg.torch_dtype, calls=cfg.per_call_calls, reps=max(cfg.reps, 3), log=log)
     try:
         models = build_models(cfg)
     except Exception as e:  # a missing optional backend, or out of memory
@@ -835,15 +882,19 @@ def format_table(result: dict) -> str:
     """The short table printed last."""
     info = result["info"]
     lines = [f"device: {info['device_name']} ({info['device']}, {info['threads']} threads), {info['dtype']}, "
-             f"batch {info['batch']}, median of {info['reps']}, state after {info['steps']} steps",
-             f"{'model':22} {'mode':10} {'ms':>9} {'ratio':>6} {'peak+MiB':>8} {'stateMiB':>8} {'st@200':>8} "
+             f"batch {info['batch']}, median of {info['reps']} interleaved steady-state forwards (IQR: paired ratios), "
+             f"state after {info['steps']} steps",
+             f"{'model':22} {'mode':10} {'ms':>9} {'ratio':>6} {'IQR':>11} {'peak+MiB':>8} {'stateMiB':>8} {'st@200':>8} "
              f"{'d2h/step':>8} {'hostMiB':>7} {'calls':>5}"]
+    if result.get("per_call"):
+        lines.insert(1, format_per_call(result["per_call"]))
     for name, mr in result["models"].items():
         if "error" in mr:
             lines.append(f"{name:22} ERROR {mr['error'][:80]}")
             continue
         for mode, r in mr["modes"].items():
-            lines.append(f"{name:22} {mode:10} {r['ms']:9.2f} {r['ratio']:6.2f} {_fmt(r['peak_extra_mib'], '8.1f')} "
+            iqr = f"{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}" if "ratio_q1" in r else "-"
+            lines.append(f"{name:22} {mode:10} {r['ms']:9.2f} {r['ratio']:6.2f} {iqr:>11} {_fmt(r['peak_extra_mib'], '8.1f')} "
                          f"{r['state_mib']:8.3f} {r['state_mib_200']:8.2f} {r['host_copies_per_step']:8d} "
                          f"{r['host_mib_per_step']:7.2f} {r['captured_calls']:5d}")
     proj = {}
@@ -864,10 +915,9 @@ def _run_cli(args) -> int:
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     cfg = BenchConfig(backend=args.backend, size="full" if args.full_size else args.size, device=args.device, dtype=args.dtype,
-                      batch=args.batch, modes=modes, reps=args.reps, warmup=args.warmup, steps=args.steps)
+                      batch=args.batch, modes=modes, reps=args.reps, warmup=args.warmup, steps=args.steps,
+                      threads=args.threads, per_call=not args.no_per_call)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    if args.threads:
-        torch.set_num_threads(args.threads)
     result = run(cfg, log)
     if args.json:
         with open(args.json, "w") as f:
@@ -893,7 +943,8 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards per mode first (default 1)")
     p.add_argument("--steps", type=int, default=4, help="steps run to measure the capture state (default 4)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 gives steadier CPU timings on a shared machine)")
+                   help="torch CPU threads (default: 1 on the CPU, for steady timings on a shared machine; torch's on CUDA)")
+    p.add_argument("--no-per-call", action="store_true", help="skip the per-call host-overhead measurement")
     p.add_argument("--json", default=None, help="write the results here (schema: aiba.bench.SCHEMA)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_run_cli)
