@@ -109,7 +109,9 @@ class AttnTap:
             CPU per call), "probs" (each call's exact head-averaged probabilities
             (B, q_len, k_len) on its record), "steps" (per-step maps averaged over the step's
             calls, held on the device: :meth:`step_maps`; grows by one map per step).
-        budget_bytes: cap on the fp32 temporaries of one recompute chunk.
+        budget_bytes: cap on the temporaries of one call's recompute (the float32 block of
+            probabilities of a chunk of query rows, float32 copies of half-precision q/k,
+            head means, pooled rows); the probabilities kept with keep="probs" come on top.
         latent_shape: (T, F) of the denoiser latent (time, frequency), or (T,) for a
             time-only latent; None = record only, no maps.
         prefix_tokens: tokens prepended to the query sequence (stripped before mapping).
@@ -334,7 +336,7 @@ class AttnTap:
         if outside or not self._selected(name, kind):
             rec.captured = False
             return rec
-        self._capture(rec, name, kind, x)
+        self._recompute(rec, name, kind, x)
         return rec
 
     def _lattice(self, name: str, n: int) -> tuple[int, int]:
@@ -410,7 +412,7 @@ class AttnTap:
         self._wcache[("plan", name)] = plan
         return plan
 
-    def _capture(self, rec: CallRecord, name: str, kind: str, x: AttnInputs) -> None:
+    def _recompute(self, rec: CallRecord, name: str, kind: str, x: AttnInputs) -> None:
         """Recompute a selected call's probabilities and fold them into the layer's map.
 
         Cross calls are recomputed keys-first, so the head mean and the token pooling are one
