@@ -12,7 +12,8 @@ eager, ..., none), and the median is kept:
 - ``aiba-cross``: ``combined_patch`` with ``AttnTap(kinds=("cross",))``, mapping on;
 - ``aiba-all``: ``AttnTap(kinds=("cross", "self"))``.
 
-Only the steady state is timed (CUDA events on a GPU, ``perf_counter`` on the CPU): inside
+Only the steady state is timed (CUDA events on a GPU; on the CPU the calling thread's CPU
+time with one torch thread, else ``perf_counter``): inside
 each block one untimed forward runs first, then the timed one; entering and leaving the
 capture block is timed separately (``enter_ms``), as a run enters it once per generation, not
 once per step. On the CPU the run uses one torch thread unless told otherwise
@@ -23,8 +24,8 @@ plain SDPA).
 JSON schema (``SCHEMA``)::
 
     {"schema": "aiba-bench/1",
-     "info": {"torch", "aiba", "device", "device_name", "dtype", "batch", "reps", "warmup",
-              "steps", "threads", "platform", "notes": [str]},
+     "info": {"torch", "aiba", "device", "device_name", "clock", "loadavg", "dtype", "batch", "reps",
+              "warmup", "steps", "threads", "platform", "notes": [str]},
      "per_call": {"module", "device", "dtype", "threads", "calls", "reps", "shape", "clock",
                   "us": {MODE: SPREAD}, "overhead_us": {LINE: SPREAD + {"mode", "baseline"}}},
      "models": {NAME: {"backend", "size": "full" | "default", "params", "config": {...},
@@ -63,6 +64,7 @@ else the measured bytes per captured layer times that UNet's layer count).
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import statistics
 import sys
@@ -498,12 +500,20 @@ def _timed_forward(mode: _Mode, device: torch.device) -> float:
             torch.cuda.synchronize(device)
             ms = a.elapsed_time(b)
         else:
-            t0 = time.perf_counter()
+            clock = _cpu_clock()
+            t0 = clock()
             fwd()
-            ms = (time.perf_counter() - t0) * 1e3
+            ms = (clock() - t0) * 1e3
     mode.after()
     mode.clear_store()
     return ms
+
+
+def _cpu_clock() -> Callable[[], float]:
+    """With one torch thread every op runs on the calling thread, so its CPU time is the
+    forward's cost without the time other processes held the core (a shared machine);
+    with more threads the work spreads over OpenMP threads and wall time is used."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
 def _enter_ms(mode: _Mode, device: torch.device, n: int = 3) -> float:
@@ -825,7 +835,13 @@ def _info(cfg: BenchConfig) -> dict:
     sat = sys.modules.get("stable_audio_tools.models.transformer")
     if sat is not None and getattr(sat, "flash_attn_func", None) is not None:
         notes.append("stable-audio-tools calls flash_attn here: the eager modes do not intercept it")
-    return dict(torch=torch.__version__, aiba=__version__, device=str(dev), device_name=name,
+    clock = "CUDA events" if dev.type == "cuda" else (
+        "thread CPU time (time.thread_time)" if _cpu_clock() is time.thread_time else "wall (time.perf_counter)")
+    try:
+        load = list(os.getloadavg())
+    except (AttributeError, OSError):
+        load = None
+    return dict(torch=torch.__version__, aiba=__version__, device=str(dev), device_name=name, clock=clock, loadavg=load,
                 dtype=str(cfg.torch_dtype).replace("torch.", ""), batch=cfg.batch, reps=cfg.reps, warmup=cfg.warmup,
                 steps=cfg.steps, threads=torch.get_num_threads(), platform=platform.platform(), notes=notes)
 
@@ -883,7 +899,8 @@ def format_table(result: dict) -> str:
     info = result["info"]
     lines = [f"device: {info['device_name']} ({info['device']}, {info['threads']} threads), {info['dtype']}, "
              f"batch {info['batch']}, median of {info['reps']} interleaved steady-state forwards (IQR: paired ratios), "
-             f"state after {info['steps']} steps",
+             f"state after {info['steps']} steps; clock: {info.get('clock', '?')}"
+             + (f"; load average {info['loadavg'][0]:.1f}" if info.get("loadavg") else ""),
              f"{'model':22} {'mode':10} {'ms':>9} {'ratio':>6} {'IQR':>11} {'peak+MiB':>8} {'stateMiB':>8} {'st@200':>8} "
              f"{'d2h/step':>8} {'hostMiB':>7} {'calls':>5}"]
     if result.get("per_call"):
