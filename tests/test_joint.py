@@ -77,8 +77,10 @@ def test_joint_calls_exact_cross_and_self_blocks(which, kernel_inputs):
     n, m = 16, 5  # latent tokens (8x8 / patch 2, or 16 packed), context tokens
     # diffusers' processors: SD3 concatenates [latent, context], Flux [context, latent]
     lat, ctx = (slice(0, n), slice(n, n + m)) if which == "sd3" else (slice(m, m + n), slice(0, m))
-    cross = AttnTap(kinds=("cross",), keep="probs")
-    self_ = AttnTap(kinds=("self",), keep="probs")
+    # keep="calls" with pool=None: each call's cross/self block, per key, on the 16-cell lattice
+    kw = dict(keep=("probs", "calls"), pool=None, latent_shape=(4, 4), target_T=4, target_F=4, lattices=[(4, 4)])
+    cross = AttnTap(kinds=("cross",), **kw)
+    self_ = AttnTap(kinds=("self",), **kw)
     with torch.no_grad(), combined_patch(cross, self_, model=model):
         out = model(**inputs).sample
     assert torch.equal(out, expected)
@@ -87,12 +89,20 @@ def test_joint_calls_exact_cross_and_self_blocks(which, kernel_inputs):
     assert [(r.name, r.kind, r.kind_source, r.context, r.q_len) for r in cross.store] == [
         (nm, "joint", "args", (ctx.start, ctx.stop), n + m) for nm in names]
     assert len(refs) == len(cross.store) == len(self_.store)
+    full = slice(0, n + m)
     for (q, k, mask), rc, rs in zip(refs, cross.store, self_.store):
-        ref_c = _block_probs(q, k, lat, ctx, mask)  # (B, n, m): rows sum to 1 over the context keys
-        ref_s = _block_probs(q, k, lat, lat, mask)
-        assert rc.probs.shape == (2, n, m) and rs.probs.shape == (2, n, n)
-        assert (rc.probs.double() - ref_c).abs().max() < 1e-6
-        assert (rs.probs.double() - ref_s).abs().max() < 1e-6
+        # the record keeps the whole call's probabilities
+        assert rc.probs.shape == (2, n + m, n + m)
+        assert (rc.probs.double() - _block_probs(q, k, full, full, mask)).abs().max() < 1e-6
+        # the cross map: latent rows over the context keys, renormalised over those keys
+        ref_c = _block_probs(q, k, lat, ctx, mask)  # (B, n, m)
+        assert rc.lattice == (4, 4) and rc.grid.shape == (2, m, 4, 4)
+        assert (rc.grid.double() - ref_c.transpose(1, 2).reshape(2, m, 4, 4)).abs().max() < 1e-6
+        # the self map: attention each latent cell receives within the latent block
+        ref_s = _block_probs(q, k, lat, lat, mask).mean(dim=1)  # (B, n)
+        assert rs.grid.shape == (2, 4, 4)
+        assert (rs.grid.double() - ref_s.reshape(2, 4, 4)).abs().max() < 1e-6
+    assert sorted(self_.maps().layers) == [nm + ":self" for nm in sorted(names)]
 
 
 class _PlantedJoint:
