@@ -119,6 +119,7 @@ class _Sig:
     cache: tuple[str, ...]  # CACHE_ARGS it takes
     var_kw: bool  # takes **kwargs
     first: str | None  # first parameter (the module's own input)
+    plain: bool  # takes no context, cache or **kwargs: only attributes can say more
 
 
 _SIGS: dict[type, _Sig] = {}
@@ -134,8 +135,8 @@ def _sig(cls: type) -> _Sig:
         pos = {p.name: i for i, p in enumerate(params) if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)}
         names = {p.name for p in params}
         var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
-        s = _SIGS[cls] = _Sig(pos, tuple(a for a in CONTEXT_ARGS if a in names), tuple(a for a in CACHE_ARGS if a in names),
-                              var_kw, params[0].name if params else None)
+        ctx, cache = tuple(a for a in CONTEXT_ARGS if a in names), tuple(a for a in CACHE_ARGS if a in names)
+        s = _SIGS[cls] = _Sig(pos, ctx, cache, var_kw, params[0].name if params else None, not (ctx or cache or var_kw))
     return s
 
 
@@ -177,7 +178,10 @@ def module_kind(module: nn.Module | None, args: tuple, kwargs: dict, lq: int, lk
     past keys (the length rule then never says "cross")."""
     if module is None:
         return None, None, None
-    sig = _sig(type(module))
+    sig = _SIGS.get(type(module)) or _sig(type(module))
+    if sig.plain:
+        flag = _attr(module, "is_cross_attention")
+        return (("cross" if flag else "self"), "attribute", None) if isinstance(flag, bool) else (None, None, None)
     for name in sig.context:
         v = _arg(sig, args, kwargs, name)
         if v is None:
@@ -200,13 +204,20 @@ def module_kind(module: nn.Module | None, args: tuple, kwargs: dict, lq: int, lk
     return None, None, None
 
 
+_NAMED: dict[str, bool] = {}  # layer path -> its last component names a cross-attention layer
+
+
 def _tag(tap: AttnTap, name: str | None, lq: int, lk: int, kind, source):
     """Finish the kind for one tap: the module's facts, then its path's last component
     (CROSS_NAMES), then the tap's override, then the length rule."""
     if kind is not None:
         return kind, source
-    if name is not None and name.rsplit(".", 1)[-1] in CROSS_NAMES:
-        return "cross", "attribute"
+    if name is not None:
+        named = _NAMED.get(name)
+        if named is None:
+            named = _NAMED[name] = name.rsplit(".", 1)[-1] in CROSS_NAMES
+        if named:
+            return "cross", "attribute"
     k = tap.override_kind(name, lq, lk)
     if k is not None:
         return k, "override"
@@ -250,7 +261,7 @@ def _dispatch(kernel: str, frame, probe: torch.Tensor, size: Callable, build: Ca
         return
     if _graph_task() != -1:
         return  # a forward recomputed during backward (activation checkpointing): seen already
-    if _traced(probe):
+    if type(probe) is not torch.Tensor and _traced(probe):
         _UNSEEN["traced"] += 1
         return
     try:
@@ -278,15 +289,6 @@ def _dispatch(kernel: str, frame, probe: torch.Tensor, size: Callable, build: Ca
                 tap._capture(kernel, rec, x)
         except Exception as e:
             _fail(tap, rec, name if rec is None else rec.name, e)
-
-
-@contextmanager
-def _inside() -> Iterator[None]:
-    token = _INSIDE.set(True)
-    try:
-        yield
-    finally:
-        _INSIDE.reset(token)
 
 
 # --------------------------------------------------------------------- SDPA
@@ -462,8 +464,11 @@ def _same_sequence(query, key) -> bool:
 def _mha_shim(self, *args, **kwargs):
     if _is_compiling() or not _ACTIVE.get() or _INSIDE.get():
         return _ORIG_MHA_FORWARD(self, *args, **kwargs)
-    with _inside():
+    token = _INSIDE.set(True)
+    try:
         out = _ORIG_MHA_FORWARD(self, *args, **kwargs)
+    finally:
+        _INSIDE.reset(token)
     try:
         query, key, kpm, attn_mask, is_causal = _mha_args(*args, **kwargs)
         kind = "self" if _same_sequence(query, key) else "cross"
