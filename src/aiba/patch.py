@@ -58,7 +58,7 @@ CROSS_NAMES = frozenset({"encoder_attn", "EncDecAttention", "attn2", "cross_attn
                          "multihead_attn", "enc_dec_attn", "cross_attn_layer"})
 # processors / modules that put the context tokens BEFORE the latent tokens in a joint call
 # (SD3's JointAttnProcessor2_0 and the others put them after)
-_CONTEXT_FIRST = ("Flux", "AuraFlow", "Bria", "LongCat", "Ovis", "EasyAnimate")
+_CONTEXT_FIRST = ("Flux", "AuraFlow", "Bria", "LongCat", "Ovis", "EasyAnimate", "AddedKV")
 _MAX_FRAMES = 64  # frames walked up from a kernel call to the nearest module call
 _CALL_IMPL = nn.Module._call_impl.__code__
 _is_compiling = torch.compiler.is_compiling
@@ -155,15 +155,22 @@ def _arg(sig: _Sig, args: tuple, kwargs: dict, name: str):
 
 
 def _seq_len(t) -> int | None:
-    return int(t.shape[1]) if isinstance(t, torch.Tensor) and t.dim() == 3 else None
+    """Tokens of a (B, L, C) sequence or a (B, C, H, W) image (H * W positions)."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    if t.dim() == 3:
+        return int(t.shape[1])
+    return int(t.shape[2] * t.shape[3]) if t.dim() == 4 else None
 
 
 def _joint_span(module: nn.Module, sig: _Sig, args, kwargs, ctx, lq: int, lk: int) -> tuple[int, int] | None:
     """(start, stop) of the context tokens when the call attends over the module's own
-    tokens and the context tokens concatenated (SD3/Flux MM-DiT joint attention), else None."""
+    tokens and the context tokens concatenated: both queries and keys (SD3/Flux MM-DiT joint
+    attention), or the keys only (diffusers' added-KV processors: latent queries over
+    [context; latent] keys). None otherwise."""
     m = _seq_len(ctx)
     n = _seq_len(_arg(sig, args, kwargs, sig.first)) if sig.first is not None else None
-    if m is None or n is None or lq != n + m or lk != lq:
+    if m is None or n is None or lk != n + m or lq not in (n, n + m):
         return None
     owner = f"{type(module).__name__} {type(_attr(module, 'processor')).__name__}"
     first = any(tag in owner for tag in _CONTEXT_FIRST)
