@@ -145,7 +145,7 @@ def _grouped_bias(x: AttnInputs) -> torch.Tensor | None:
     return bias.reshape(bb, hk, h // hk, *bias.shape[-2:]) if bh == h else bias.unsqueeze(2)
 
 
-def mask_row_bytes(x: AttnInputs) -> int:
+def _mask_row_bytes(x: AttnInputs) -> int:
     """Bytes per query row of the mask temporaries (inverted bool masks, position masks, the
     fully-masked-row flags); 0 for a call without mask."""
     if not x.maskable:
@@ -187,7 +187,7 @@ def prob_chunks(x: AttnInputs, budget_bytes: int = 64 << 20, *, keys_first: bool
         qg = q.view(b, hk, g, lq, e)  # (B, Hk, g, Lq, E)
         q_copy = g > 1 or not _is_view_3d(qg, n, g * lq, e)
         rows = chunk_rows(b, h, lk, budget_bytes, fixed_bytes=fixed_bytes,
-                          row_bytes=row_bytes + (b * h * e * 4 if q_copy else 0) + mask_row_bytes(x))
+                          row_bytes=row_bytes + (b * h * e * 4 if q_copy else 0) + _mask_row_bytes(x))
         dummy = _DUMMY.get(q.device)
         if dummy is None:
             dummy = _DUMMY[q.device] = torch.empty(1, 1, 1, dtype=_F32, device=q.device)
