@@ -157,7 +157,7 @@ CASES = [  # (kind, b, h, hk, lq, lk, e, prefix, mask, budget)
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_fused_maps_match_float64_reference(case, dtype, ref_probs):
     kind, b, h, hk, lq, lk, e, p, mask_kind, budget = case
-    g = torch.Generator().manual_seed(hash(case) % 1000)
+    g = torch.Generator().manual_seed(CASES.index(case))
     q = _diffusers_layout(b, h, lq, e, dtype, g)
     k = _diffusers_layout(b, hk, lk, e, dtype, g)
     mask = None
