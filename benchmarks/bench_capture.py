@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from aiba import bench
+    from aiba.atomic import atomic_write
 
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,12 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="steps run to measure the capture state")
     ap.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None)
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's; 1 gives steadier CPU timings on a shared machine)")
+                    help="torch CPU threads (default: 1 on the CPU, steady timings on a shared machine; torch's on CUDA)")
+    ap.add_argument("--no-per-call", action="store_true", help="skip the per-call host-overhead measurement")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args(argv)
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
     on_cuda = torch.device(a.device).type == "cuda"
     full = on_cuda if a.full_size is None else a.full_size
     reps = a.reps if a.reps is not None else (10 if on_cuda else 5)
@@ -58,14 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for backend in [b for b in a.backends.split(",") if b]:
         cfg = bench.BenchConfig(backend=backend, size="full" if full else "default", device=a.device, dtype=a.dtype, batch=2,
-                                modes=modes, reps=reps, warmup=warmup, steps=a.steps)
+                                modes=modes, reps=reps, warmup=warmup, steps=a.steps, threads=a.threads,
+                                per_call=not a.no_per_call)
         result = bench.run(cfg, log, result)
     result["info"]["wall_s"] = time.perf_counter() - t0
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{'cuda' if on_cuda else 'cpu'}-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=1))
+    atomic_write(path, json.dumps(result, indent=1))
     log(f"wrote {path}")
     print(bench.format_table(result))
     return 0

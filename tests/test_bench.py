@@ -186,3 +186,40 @@ def test_backends_default_sizes(backend, module):
         assert modes["aiba-all"]["captured_calls"] == sum(m["calls_per_forward"].values())
         assert modes["aiba-all"]["host_copies_per_step"] == 0
         assert modes["aiba-all"]["state_mib"] == modes["aiba-all"]["state_mib_2"]
+
+
+def test_cpu_run_uses_one_thread_and_restores(generic_result):
+    assert generic_result["info"]["threads"] == 1
+    before = torch.get_num_threads()
+    bench.run(bench.BenchConfig(backend="generic", size="tiny", modes=("none",), reps=1, warmup=0, steps=2, per_call=False,
+                                threads=2))
+    assert torch.get_num_threads() == before
+
+
+def test_timed_forward_warms_up_inside_the_block():
+    """The timed forward is the second one inside the capture block."""
+    from aiba.patch import active_taps
+
+    cfg = bench.BenchConfig(backend="generic", size="tiny", modes=("none", "aiba-cross"), reps=1, warmup=0, steps=2)
+    model = bench.build_models(cfg)[0]
+    inside = []
+    fwd = model.forward
+    model.forward = lambda: (inside.append(bool(active_taps())), fwd())[1]
+    mode = bench._Mode("aiba-cross", model, cfg)
+    bench._timed_forward(mode, torch.device("cpu"))
+    assert inside == [True, True]
+    assert mode.tap.step == 2  # the warm-up forward and the timed one are separate steps
+
+
+def test_per_call_overheads_are_paired_differences(generic_result):
+    pc = generic_result["per_call"]
+    assert set(pc["us"]) == set(bench.PER_CALL_MODES) and set(pc["overhead_us"]) == set(bench.PER_CALL_LINES)
+    assert pc["threads"] == 1 and pc["reps"] == 3
+    for line, (m, base) in bench.PER_CALL_LINES.items():
+        row = pc["overhead_us"][line]
+        assert row["all"] == [a - b for a, b in zip(pc["us"][m]["all"], pc["us"][base]["all"])]
+        assert row["median"] == statistics.median(row["all"]) and row["min"] <= row["q1"] <= row["q3"] <= row["max"]
+    for row in generic_result["models"]["generic_tiny"]["modes"].values():
+        assert row["ratio_all"] == [a / b for a, b in zip(row["ms_all"], generic_result["models"]["generic_tiny"]["modes"]["none"]["ms_all"])]
+        assert row["ratio_paired"] == statistics.median(row["ratio_all"])
+    assert bench.format_table(generic_result).splitlines()[1].startswith("per call over plain SDPA")

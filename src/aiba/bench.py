@@ -12,22 +12,32 @@ eager, ..., none), and the median is kept:
 - ``aiba-cross``: ``combined_patch`` with ``AttnTap(kinds=("cross",))``, mapping on;
 - ``aiba-all``: ``AttnTap(kinds=("cross", "self"))``.
 
-Only the forward is timed (CUDA events on a GPU, ``perf_counter`` on the CPU); entering and
-leaving the capture block is timed separately (``enter_ms``), as a run enters it once per
-generation, not once per step.
+Only the steady state is timed (CUDA events on a GPU; on the CPU the calling thread's CPU
+time with one torch thread, else ``perf_counter``): inside
+each block one untimed forward runs first, then the timed one; entering and leaving the
+capture block is timed separately (``enter_ms``), as a run enters it once per generation, not
+once per step. On the CPU the run uses one torch thread unless told otherwise
+(``BenchConfig.threads``). :func:`per_call` adds the host microseconds each attention call
+costs (not selected, selected cross pooled, a hand-written recompute processor, each minus
+plain SDPA).
 
 JSON schema (``SCHEMA``)::
 
     {"schema": "aiba-bench/1",
-     "info": {"torch", "aiba", "device", "device_name", "dtype", "batch", "reps", "warmup",
-              "steps", "threads", "platform", "notes": [str]},
+     "info": {"torch", "aiba", "device", "device_name", "clock", "loadavg", "dtype", "batch", "reps",
+              "warmup", "steps", "threads", "platform", "notes": [str]},
+     "per_call": {"module", "device", "dtype", "threads", "calls", "reps", "shape", "clock",
+                  "us": {MODE: SPREAD}, "overhead_us": {LINE: SPREAD + {"mode", "baseline"}}},
      "models": {NAME: {"backend", "size": "full" | "default", "params", "config": {...},
                        "latent_shape": [T, F] | [T], "prefix_tokens", "context_tokens": [int],
                        "calls_per_forward": {"cross": int, "self": int},
                        "modes": {MODE: ROW}} | {"backend", "error": str}}}
 
-    ROW = {"ms": median, "ms_min", "ms_max", "ms_all": [per repetition],
+    SPREAD = {"median", "q1", "q3", "min", "max", "all": [every raw value]} (microseconds)
+    ROW = {"ms": median, "ms_min", "ms_max", "ms_q1", "ms_q3", "ms_all": [per repetition],
            "ratio": ms / ms of "none" (same run), "ratio_min": ms_min / ms_min of "none",
+           "ratio_all": [ms / ms of "none" of the same repetition], "ratio_paired": their
+                       median, "ratio_q1", "ratio_q3": their quartiles,
            "peak_mib": device memory high-water of one forward above what was allocated
                        before it (CUDA), null on the CPU (no allocator statistics there),
            "peak_extra_mib": peak_mib - peak_mib of "none" (null on the CPU),
@@ -54,6 +64,7 @@ else the measured bytes per captured layer times that UNet's layer count).
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import statistics
 import sys
@@ -114,6 +125,9 @@ class BenchConfig:
     steps: int = 4  # steps run to measure the capture state (after 2 and after `steps`)
     target: tuple[int, int] = (128, 64)  # the tap's (target_T, target_F) grid
     seed: int = 0
+    threads: int | None = None  # torch CPU threads; None: 1 on the CPU (steady timings), torch's own on CUDA
+    per_call: bool = True  # also measure the per-call host overhead (aiba.bench.per_call)
+    per_call_calls: int = 200  # calls per timed block of the per-call measurement
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -468,10 +482,15 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed_forward(mode: _Mode, device: torch.device) -> float:
-    """ms of one forward inside the mode's (already built) capture block; the block's own
-    entry is outside the timed region."""
+    """ms of one steady-state forward inside the mode's (already built) capture block: the
+    block's own entry is outside the timed region, and one untimed forward runs inside the
+    block first (the first forward after entering pays one-off costs a generation pays once)."""
     fwd = mode.model.forward
     with mode.block():
+        fwd()
+        _sync(device)
+        mode.after()
+        mode.clear_store()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -481,12 +500,20 @@ def _timed_forward(mode: _Mode, device: torch.device) -> float:
             torch.cuda.synchronize(device)
             ms = a.elapsed_time(b)
         else:
-            t0 = time.perf_counter()
+            clock = _cpu_clock()
+            t0 = clock()
             fwd()
-            ms = (time.perf_counter() - t0) * 1e3
+            ms = (clock() - t0) * 1e3
     mode.after()
     mode.clear_store()
     return ms
+
+
+def _cpu_clock() -> Callable[[], float]:
+    """With one torch thread every op runs on the calling thread, so its CPU time is the
+    forward's cost without the time other processes held the core (a shared machine);
+    with more threads the work spreads over OpenMP threads and wall time is used."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
 def _enter_ms(mode: _Mode, device: torch.device, n: int = 3) -> float:
@@ -587,7 +614,8 @@ def bench_model(model: BenchModel, cfg: BenchConfig, log: Callable[[str], None] 
             copies, nbytes, calls = _counts(r, device)
             at2, end, records, n_layers = _state(r, cfg.steps)
             ts = times[m]
-            rows[m] = dict(ms=statistics.median(ts), ms_min=min(ts), ms_max=max(ts), ms_all=ts,
+            q1, _, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (ts[0],) * 3
+            rows[m] = dict(ms=statistics.median(ts), ms_min=min(ts), ms_max=max(ts), ms_q1=q1, ms_q3=q3, ms_all=ts,
                            peak_mib=_peak_mib(r, device), captured_calls=calls, host_copies_total=copies,
                            host_bytes_total=nbytes, state_mib_2=at2 / MIB, state_mib=end / MIB,
                            state_grows=end > at2, enter_ms=_enter_ms(r, device) if m != "none" else 0.0,
@@ -596,6 +624,10 @@ def bench_model(model: BenchModel, cfg: BenchConfig, log: Callable[[str], None] 
     for m, row in rows.items():
         row["ratio"] = row["ms"] / base["ms"]
         row["ratio_min"] = row["ms_min"] / base["ms_min"]  # less sensitive to a busy machine
+        # paired: each repetition's forward against "none" of the same repetition
+        row["ratio_all"] = [a / c for a, c in zip(row["ms_all"], base["ms_all"])]
+        rq = statistics.quantiles(row["ratio_all"], n=4) if len(row["ratio_all"]) > 1 else [row["ratio_all"][0]] * 3
+        row["ratio_paired"], row["ratio_q1"], row["ratio_q3"] = statistics.median(row["ratio_all"]), rq[0], rq[2]
         row["peak_extra_mib"] = None if row["peak_mib"] is None else row["peak_mib"] - base["peak_mib"]
         row["host_copies_per_step"] = row["host_copies_total"] - base["host_copies_total"]
         row["host_mib_per_step"] = (row["host_bytes_total"] - base["host_bytes_total"]) / MIB
@@ -614,6 +646,173 @@ def bench_model(model: BenchModel, cfg: BenchConfig, log: Callable[[str], None] 
                 latent_shape=list(model.latent_shape), prefix_tokens=model.prefix_tokens,
                 context_tokens=sorted(model.context), calls_per_forward=_calls_per_forward(model, device),
                 modes=rows)
+
+
+# ------------------------------------------------------------- per-call overhead
+PER_CALL_MODES = ("plain-cross", "plain-self", "not-selected", "selected-cross", "hand-recompute")
+# what each overhead line subtracts: (mode, its plain baseline)
+PER_CALL_LINES = {"not selected": ("not-selected", "plain-self"), "selected cross pooled": ("selected-cross", "plain-cross"),
+                  "hand-written recompute": ("hand-recompute", "plain-cross")}
+PER_CALL_SHAPE = dict(batch=2, heads=4, head_dim=16, lattice=(8, 8), context=10, context_dim=32, content=6)
+
+
+class _Processor:
+    """A minimal attention processor (module -> processor -> SDPA), shared by every mode."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_):
+        b, n, _ = hidden_states.shape
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        h = attn.heads
+        q = attn.to_q(hidden_states).view(b, n, h, -1).transpose(1, 2)  # (B, H, N, d)
+        k = attn.to_k(ctx).view(b, ctx.shape[1], h, -1).transpose(1, 2)  # (B, H, S, d)
+        v = attn.to_v(ctx).view(b, ctx.shape[1], h, -1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
+        o = self.after(q, k, encoder_hidden_states is not None, o)
+        return attn.to_out[0](o.transpose(1, 2).reshape(b, n, -1))
+
+    def after(self, q, k, cross, o):
+        return o
+
+
+class _RecomputeProcessor(_Processor):
+    """What a user writes by hand: the same probabilities as aiba's cross capture (head mean,
+    mean over the content tokens, conditional half), summed on the device."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        self.w = weights  # (Lk,) content-token weights
+        self.total = None
+
+    def after(self, q, k, cross, o):
+        if cross:
+            p = torch.softmax(q[1:] @ k[1:].transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)  # cond half (1, H, N, S)
+            pooled = p.mean(dim=1) @ self.w  # (1, N)
+            self.total = pooled if self.total is None else self.total.add_(pooled)
+        return o
+
+
+class _AttnModule(nn.Module):
+    """diffusers' ``Attention`` contract (to_q/to_k/to_v/to_out, ``heads``, a processor) for a
+    machine without diffusers."""
+
+    def __init__(self, dim: int, heads: int, ctx_dim: int | None) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(ctx_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(ctx_dim or dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.processor = _Processor()
+
+    def set_processor(self, p) -> None:
+        self.processor = p
+
+    def forward(self, hidden_states, encoder_hidden_states=None):
+        return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states)
+
+
+def _per_call_modules(device, dtype, shape: dict):
+    dim = shape["heads"] * shape["head_dim"]
+    try:
+        from diffusers.models.attention_processor import Attention
+
+        make = lambda ctx: Attention(dim, cross_attention_dim=ctx, heads=shape["heads"], dim_head=shape["head_dim"])  # noqa: E731
+        kind = "diffusers Attention"
+    except ImportError:
+        make = lambda ctx: _AttnModule(dim, shape["heads"], ctx)  # noqa: E731
+        kind = "diffusers-style module (diffusers not installed)"
+    with torch.device(device):
+        model = nn.ModuleDict({"attn1": make(None), "attn2": make(shape["context_dim"])}).to(dtype).eval()
+    for m in model.values():
+        m.set_processor(_Processor())
+    return model, kind
+
+
+def per_call(device: str = "cpu", dtype: torch.dtype = torch.float32, calls: int = 200, reps: int = 15,
+             shape: dict | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Host microseconds per attention call (module -> processor -> SDPA), thread CPU time.
+
+    Modes, interleaved in an order that rotates every repetition, each a block of ``calls``
+    calls after 10 untimed ones: ``plain-cross``/``plain-self`` (no capture),
+    ``not-selected`` (a self call under ``AttnTap(kinds=("cross",))``), ``selected-cross``
+    (``AttnTap(pool="mean", latent_shape=lattice, content=..., cfg)``, the call mapped and
+    folded), ``hand-recompute`` (a processor recomputing the same pooled probabilities).
+    Overheads are paired per repetition (mode minus its plain baseline in the same
+    repetition): median, quartiles, min/max; every raw time is kept.
+    """
+    from .patch import combined_patch
+    from .tap import AttnTap
+
+    shape = dict(PER_CALL_SHAPE, **(shape or {}))
+    dev = torch.device(device)
+    model, module_kind = _per_call_modules(dev, dtype, shape)
+    b, (t, f) = shape["batch"], shape["lattice"]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, t * f, shape["heads"] * shape["head_dim"], generator=gen).to(dev, dtype)  # (B, T'*F', dim)
+    ctx = torch.randn(b, shape["context"], shape["context_dim"], generator=gen).to(dev, dtype)  # (B, S, ctx_dim)
+    content = list(range(shape["content"]))
+    w = torch.zeros(shape["context"], device=dev, dtype=dtype)
+    w[content] = 1.0 / len(content)
+    cross, selfm = model["attn2"], model["attn1"]
+    taps = {"not-selected": AttnTap(kinds=("cross",), latent_shape=(t, f), content=content, cfg="uncond_first"),
+            "selected-cross": AttnTap(pool="mean", kinds=("cross",), latent_shape=(t, f), content=content,
+                                      cfg="uncond_first")}
+    hand = _RecomputeProcessor(w)
+
+    def block(mode: str):
+        if mode in taps:
+            return combined_patch(taps[mode], model=model)
+        return contextlib.nullcontext()
+
+    calls_of = {"plain-cross": lambda: cross(x, encoder_hidden_states=ctx), "plain-self": lambda: selfm(x),
+                "not-selected": lambda: selfm(x), "selected-cross": lambda: cross(x, encoder_hidden_states=ctx),
+                "hand-recompute": lambda: cross(x, encoder_hidden_states=ctx)}
+    raw: dict[str, list[float]] = {m: [] for m in PER_CALL_MODES}
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        for rep in range(reps):
+            order = PER_CALL_MODES[rep % len(PER_CALL_MODES):] + PER_CALL_MODES[: rep % len(PER_CALL_MODES)]
+            for mode in order:
+                fn = calls_of[mode]
+                if mode == "hand-recompute":
+                    cross.set_processor(hand)
+                with block(mode):
+                    for _ in range(10):
+                        fn()
+                    t0 = time.thread_time_ns()
+                    for _ in range(calls):
+                        fn()
+                    _sync(dev)
+                    raw[mode].append((time.thread_time_ns() - t0) / calls / 1e3)
+                cross.set_processor(_Processor())
+                if mode in taps:  # the block measured what it claims: every call captured, or none
+                    captured = sum(r.captured for r in taps[mode].store)
+                    if captured != (calls + 10 if mode == "selected-cross" else 0) or len(taps[mode].store) != calls + 10:
+                        raise AibaError(f"per-call mode {mode!r}: {captured} of {len(taps[mode].store)} calls captured")
+                for tap in taps.values():
+                    tap.store.clear()
+                    tap.next_step()
+            log(f"  per-call rep {rep + 1}/{reps}: " + " ".join(f"{m}={raw[m][-1]:.1f}us" for m in PER_CALL_MODES))
+    out = {"module": module_kind, "device": str(dev), "dtype": str(dtype).replace("torch.", ""), "threads": threads,
+           "calls": calls, "reps": reps, "shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()},
+           "clock": "thread CPU time (time.thread_time_ns)", "us": {}, "overhead_us": {}}
+    for m, ts in raw.items():
+        out["us"][m] = dict(_spread(ts), all=ts)
+    for line, (m, base) in PER_CALL_LINES.items():
+        diffs = [a - c for a, c in zip(raw[m], raw[base])]
+        out["overhead_us"][line] = dict(_spread(diffs), all=diffs, mode=m, baseline=base)
+    return out
+
+
+def _spread(ts: list[float]) -> dict:
+    q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+    return {"median": statistics.median(ts), "q1": q[0], "q3": q[2], "min": min(ts), "max": max(ts)}
+
+
+def format_per_call(pc: dict) -> str:
+    """One line: per-call host overhead of each case over plain SDPA, median [q1, q3]."""
+    parts = [f"{line} {v['median']:+.1f} us [{v['q1']:+.1f}, {v['q3']:+.1f}]" for line, v in pc["overhead_us"].items()]
+    return (f"per call over plain SDPA ({pc['device']}, {pc['threads']} thread(s), thread time, median [IQR] of "
+            f"{pc['reps']}; plain cross {pc['us']['plain-cross']['median']:.1f} us): " + ", ".join(parts))
 
 
 def _info(cfg: BenchConfig) -> dict:
@@ -636,14 +835,42 @@ def _info(cfg: BenchConfig) -> dict:
     sat = sys.modules.get("stable_audio_tools.models.transformer")
     if sat is not None and getattr(sat, "flash_attn_func", None) is not None:
         notes.append("stable-audio-tools calls flash_attn here: the eager modes do not intercept it")
-    return dict(torch=torch.__version__, aiba=__version__, device=str(dev), device_name=name,
+    clock = "CUDA events" if dev.type == "cuda" else (
+        "thread CPU time (time.thread_time)" if _cpu_clock() is time.thread_time else "wall (time.perf_counter)")
+    try:
+        load = list(os.getloadavg())
+    except (AttributeError, OSError):
+        load = None
+    return dict(torch=torch.__version__, aiba=__version__, device=str(dev), device_name=name, clock=clock, loadavg=load,
                 dtype=str(cfg.torch_dtype).replace("torch.", ""), batch=cfg.batch, reps=cfg.reps, warmup=cfg.warmup,
                 steps=cfg.steps, threads=torch.get_num_threads(), platform=platform.platform(), notes=notes)
 
 
+@contextlib.contextmanager
+def _threads(cfg: BenchConfig) -> Iterator[None]:
+    """torch's CPU threads for the run: ``cfg.threads``, else 1 on the CPU (with 2 threads on a
+    shared machine OpenMP barriers stall whenever another process holds a core)."""
+    n = cfg.threads if cfg.threads is not None else (1 if torch.device(cfg.device).type == "cpu" else None)
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def run(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None, result: dict | None = None) -> dict:
     """Build ``cfg.backend``'s models and bench each; adds to ``result`` (a previous run's dict)."""
+    with _threads(cfg):
+        return _run(cfg, log, result)
+
+
+def _run(cfg: BenchConfig, log: Callable[[str], None], result: dict | None) -> dict:
     result = result if result is not None else {"schema": SCHEMA, "info": _info(cfg), "models": {}}
+    if cfg.per_call and "per_call" not in result:
+        log("per-call host overhead")
+        result["per_call"] = per_call(cfg.device, cfg.torch_dtype, calls=cfg.per_call_calls, reps=max(cfg.reps, 3), log=log)
     try:
         models = build_models(cfg)
     except Exception as e:  # a missing optional backend, or out of memory
@@ -671,15 +898,20 @@ def format_table(result: dict) -> str:
     """The short table printed last."""
     info = result["info"]
     lines = [f"device: {info['device_name']} ({info['device']}, {info['threads']} threads), {info['dtype']}, "
-             f"batch {info['batch']}, median of {info['reps']}, state after {info['steps']} steps",
-             f"{'model':22} {'mode':10} {'ms':>9} {'ratio':>6} {'peak+MiB':>8} {'stateMiB':>8} {'st@200':>8} "
+             f"batch {info['batch']}, median of {info['reps']} interleaved steady-state forwards (IQR: paired ratios), "
+             f"state after {info['steps']} steps; clock: {info.get('clock', '?')}"
+             + (f"; load average {info['loadavg'][0]:.1f}" if info.get("loadavg") else ""),
+             f"{'model':22} {'mode':10} {'ms':>9} {'ratio':>6} {'IQR':>11} {'peak+MiB':>8} {'stateMiB':>8} {'st@200':>8} "
              f"{'d2h/step':>8} {'hostMiB':>7} {'calls':>5}"]
+    if result.get("per_call"):
+        lines.insert(1, format_per_call(result["per_call"]))
     for name, mr in result["models"].items():
         if "error" in mr:
             lines.append(f"{name:22} ERROR {mr['error'][:80]}")
             continue
         for mode, r in mr["modes"].items():
-            lines.append(f"{name:22} {mode:10} {r['ms']:9.2f} {r['ratio']:6.2f} {_fmt(r['peak_extra_mib'], '8.1f')} "
+            iqr = f"{r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}" if "ratio_q1" in r else "-"
+            lines.append(f"{name:22} {mode:10} {r['ms']:9.2f} {r['ratio']:6.2f} {iqr:>11} {_fmt(r['peak_extra_mib'], '8.1f')} "
                          f"{r['state_mib']:8.3f} {r['state_mib_200']:8.2f} {r['host_copies_per_step']:8d} "
                          f"{r['host_mib_per_step']:7.2f} {r['captured_calls']:5d}")
     proj = {}
@@ -700,10 +932,9 @@ def _run_cli(args) -> int:
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     cfg = BenchConfig(backend=args.backend, size="full" if args.full_size else args.size, device=args.device, dtype=args.dtype,
-                      batch=args.batch, modes=modes, reps=args.reps, warmup=args.warmup, steps=args.steps)
+                      batch=args.batch, modes=modes, reps=args.reps, warmup=args.warmup, steps=args.steps,
+                      threads=args.threads, per_call=not args.no_per_call)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    if args.threads:
-        torch.set_num_threads(args.threads)
     result = run(cfg, log)
     if args.json:
         with open(args.json, "w") as f:
@@ -729,7 +960,8 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards per mode first (default 1)")
     p.add_argument("--steps", type=int, default=4, help="steps run to measure the capture state (default 4)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 gives steadier CPU timings on a shared machine)")
+                   help="torch CPU threads (default: 1 on the CPU, for steady timings on a shared machine; torch's on CUDA)")
+    p.add_argument("--no-per-call", action="store_true", help="skip the per-call host-overhead measurement")
     p.add_argument("--json", default=None, help="write the results here (schema: aiba.bench.SCHEMA)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_run_cli)

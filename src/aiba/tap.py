@@ -12,6 +12,7 @@ grow with the number of steps.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -21,13 +22,28 @@ import torch
 
 from . import mapping
 from .errors import AibaError, AibaWarning
-from .probs import AttnInputs, head_mean_chunks
+from .probs import AttnInputs, fold_pooled_item, head_mean_probs, prob_chunks
+
+
+def _block(x: AttnInputs, rows: slice, cols: slice) -> AttnInputs:
+    """The sub-call of query rows ``rows`` over keys ``cols`` (views, no copies)."""
+    if x.causal is not None or max(x.window) >= 0:
+        raise AibaError(f"a joint call with a causal or windowed mask cannot be split; q {tuple(x.q.shape)}")
+    bias = x.bias
+    if bias is not None:
+        bias = bias[..., rows, :] if bias.dim() >= 2 and bias.shape[-2] != 1 else bias
+        bias = bias[..., cols] if bias.shape[-1] != 1 else bias
+    return AttnInputs(x.q[:, :, rows], x.k[:, :, cols], x.scale, bias, None, x.window, x.softcap)
 
 __all__ = ["AttnTap", "CallRecord", "TapMaps", "KINDS", "KERNELS"]
 
 KINDS = ("cross", "self")
 KERNELS = ("sdpa", "mha", "xformers", "flash_attn")
 KEEP = ("calls", "probs", "steps")
+_WEIGHTED = ("mean", "subset", "softmax")  # pools that weight the keys (one matmul with the head mean)
+RECORDS = ("all", "selected")
+# what rec.kind_source can say, in the order the rules are tried (see AttnTap)
+KIND_SOURCES = ("args", "attribute", "override", "cache", "heuristic")
 
 
 @dataclass(slots=True)
@@ -36,19 +52,23 @@ class CallRecord:
 
     name: str  # dotted module path (with model=), else "<kernel>.<i>", i = call order in the step
     kernel: str  # "sdpa" | "mha" | "xformers" | "flash_attn"
-    kind: str  # "cross" | "self"
+    kind: str  # "cross" | "self" | "joint" (latent and context tokens in one call, see ``context``)
     step: int  # the tap's denoising-step counter when the call ran
     q_len: int
     k_len: int
     heads: int  # query heads
     batch: int  # batch of the call (before CFG selection)
     index: int  # order of the call since the last reset
-    kind_source: str = "heuristic"  # "module" (decided by module context) or "heuristic" (cross_ratio)
+    kind_source: str = "heuristic"  # the rule that decided ``kind``: one of KIND_SOURCES
     lattice: tuple[int, int] | None = None  # (T', F') the queries were placed on; None if not mapped
     captured: bool = True  # False: recorded but not recomputed (filtered, or outside the model)
     outside: bool = False  # issued outside the model given to combined_patch(model=)
     probs: torch.Tensor | None = None  # keep="probs": (B_kept, q_len, k_len) float32, CPU
     grid: torch.Tensor | None = None  # keep="calls": (B_kept, target_T, target_F) float32, CPU
+    context: tuple[int, int] | None = None  # kind "joint": (start, stop) of the context tokens among the keys
+    # (and among the queries when q_len == k_len)
+    error: str | None = None  # what went wrong while recording this call (raised when maps are read)
+    note: str | None = None  # e.g. "empty" for a zero-length query or key (nothing to recompute)
 
 
 @dataclass(frozen=True)
@@ -91,16 +111,31 @@ class AttnTap:
         pool: text-token pooling per query: "mean" (over content tokens), "max", "softmax"
             (relevance-weighted, temperature ``tau``), "subset" (mean over ``tokens``), or
             None to keep per-token maps.
-        cross_ratio: the fallback that tags a call when no module context says what it is:
-            a call is "cross" when ``min(q_len, k_len) <= cross_ratio * max(q_len, k_len)``,
-            i.e. the shorter sequence is at most ``cross_ratio`` times the longer one; else
-            "self". 0 never tags a call "cross" this way, 1 tags every such call "cross".
-            Module context wins where it exists (a diffusers
-            ``Attention`` given ``encoder_hidden_states``, a stable-audio-tools ``Attention``
-            given ``context``, any module whose forward takes one of those arguments, an
-            ``nn.MultiheadAttention`` whose key is not its query).
+        cross_ratio: the last rule that tags a call (``kind_source="heuristic"``), used
+            only when no fact and no override decides: a call is "cross" when
+            ``min(q_len, k_len) <= cross_ratio * max(q_len, k_len)``, i.e. the shorter
+            sequence is at most ``cross_ratio`` times the longer one; else "self". 0 never
+            tags a call "cross" this way, 1 tags every such call "cross". The rules, in
+            order (``rec.kind_source`` names the one that decided): "args", the issuing
+            module's forward arguments (``encoder_hidden_states``, ``context``,
+            ``key_value_states``, ``cross_attention_states``, ``memory``,
+            ``encoder_outputs``...: a value means cross, None means self; an
+            ``nn.MultiheadAttention`` whose key is its query, or holds the same values, is
+            self; latent and context tokens concatenated into one call is "joint");
+            "attribute", what the module states (``is_cross_attention``, or a path ending in
+            a known cross-attention name such as ``encoder_attn``, ``EncDecAttention``,
+            ``attn2``, ``cross_attn``); "override", the tap's ``kind_rules``; "cache", a
+            module handed a cache of its own past keys is self (a one-token decode step is
+            never called cross); "heuristic", the length rule.
+        kind_rules: a user override, tried after the module's facts and before the length
+            rule: a mapping from fnmatch layer patterns to "cross"/"self" (first match wins),
+            or a callable ``(name, q_len, k_len) -> "cross" | "self" | None``.
         kinds: which kinds are recomputed and mapped ("cross", "self"); other calls get a
-            record only (nothing computed).
+            record only (nothing computed). A "joint" call feeds both: its latent-query rows
+            over the context keys (renormalised over those keys) are mapped as a cross call
+            under the layer's name, its latent block as a self call under ``name + ":self"``.
+        records: "all" (a record per call in ``tap.store``) or "selected" (records only for
+            the calls the tap selects; ``tap.counts`` still counts every call per layer).
         layers: fnmatch patterns on the layer name; calls elsewhere get a record only.
         steps: (start, stop) range of steps to capture, stop exclusive; None = all.
         kernels: which kernel shims feed this tap.
@@ -108,7 +143,9 @@ class AttnTap:
             CPU per call), "probs" (each call's exact head-averaged probabilities
             (B, q_len, k_len) on its record), "steps" (per-step maps averaged over the step's
             calls, held on the device: :meth:`step_maps`; grows by one map per step).
-        budget_bytes: cap on the fp32 temporaries of one recompute chunk.
+        budget_bytes: cap on the temporaries of one call's recompute (the float32 block of
+            probabilities of a chunk of query rows, float32 copies of half-precision q/k,
+            head means, pooled rows); the probabilities kept with keep="probs" come on top.
         latent_shape: (T, F) of the denoiser latent (time, frequency), or (T,) for a
             time-only latent; None = record only, no maps.
         prefix_tokens: tokens prepended to the query sequence (stripped before mapping).
@@ -141,6 +178,8 @@ class AttnTap:
         cross_ratio: float = 0.5,
         *,
         kinds: Iterable[str] = ("cross",),
+        kind_rules: Mapping[str, str] | Callable[[str, int, int], str | None] | None = None,
+        records: str = "all",
         layers: str | Sequence[str] | None = None,
         steps: tuple[int, int] | None = None,
         kernels: Iterable[str] = KERNELS,
@@ -160,7 +199,8 @@ class AttnTap:
         cfg: str | None = None,
         padding: str = "border",
     ) -> None:
-        self._wcache: dict = {}
+        self._wcache: dict = {}  # pooling weights, per layer (cleared when pooling settings change)
+        self._lcache: dict = {}  # (layer, tokens) -> (latent_shape, lattices, lattice)
         if int(target_T) < 1 or int(target_F) < 1:
             raise AibaError(f"target_T and target_F must be >= 1, got {target_T} x {target_F}")
         self.target_T, self.target_F = int(target_T), int(target_F)
@@ -173,6 +213,17 @@ class AttnTap:
         self.kinds = frozenset(kinds)
         if not self.kinds <= set(KINDS):
             raise AibaError(f"kinds must be a subset of {KINDS}, got {sorted(self.kinds)}")
+        if kind_rules is not None and not callable(kind_rules):
+            if not isinstance(kind_rules, Mapping):
+                raise AibaError(f"kind_rules must be a mapping pattern -> kind or a callable, got {type(kind_rules).__name__}")
+            bad = {p: k for p, k in kind_rules.items() if not isinstance(p, str) or k not in KINDS}
+            if bad:
+                raise AibaError(f"kind_rules must map fnmatch patterns (str) to one of {KINDS}, got {bad}")
+            kind_rules = dict(kind_rules)
+        self.kind_rules = kind_rules
+        if records not in RECORDS:
+            raise AibaError(f"records must be one of {RECORDS}, got {records!r}")
+        self.records = records
         self.layers = _as_patterns(layers)
         self.steps = None if steps is None else (int(steps[0]), int(steps[1]))
         self.kernels = frozenset(kernels)
@@ -219,6 +270,8 @@ class AttnTap:
         object.__setattr__(self, key, value)
         if key in AttnTap._CACHE_FIELDS and "_wcache" in self.__dict__:
             self._wcache.clear()
+        if key == "layers" and "_selcache" in self.__dict__:
+            self._selcache.clear()
 
     def configure(self, **settings) -> "AttnTap":
         """Set several settings at once (backends call this); returns the tap."""
@@ -237,6 +290,10 @@ class AttnTap:
         self._steps: dict[int, list] = {}  # keep="steps": step -> [sum of grids, calls]
         self._order: dict[str, int] = {}
         self._warned: set = set()
+        self.counts: dict[str, int] = {}  # calls seen per layer name, recorded or not
+        self.errors: list[tuple[str, str]] = []  # (layer, message) of calls that failed to record
+        self._lattice_of: dict[str, tuple] = {}  # layer name -> first lattice it mapped on
+        self._selcache: dict[str, bool] = {}  # layer name -> matches ``layers``
 
     def next_step(self) -> int:
         """Advance the denoising-step counter (backends call this once per step)."""
@@ -257,6 +314,7 @@ class AttnTap:
     def step_maps(self) -> tuple[list[int], torch.Tensor]:
         """keep="steps": (steps, maps (S, B, T, F) on the CPU), each the mean of that step's
         captured calls (restrict which layers enter with the tap's ``layers=``)."""
+        self._raise_errors()
         if "steps" not in self.keep:
             raise AibaError('per-step maps need AttnTap(keep="steps")')
         if not self._steps:
@@ -274,13 +332,36 @@ class AttnTap:
         """The ``cross_ratio`` rule (see the class docstring)."""
         return "cross" if min(q_len, k_len) <= self.cross_ratio * max(q_len, k_len) else "self"
 
+    def override_kind(self, name: str | None, q_len: int, k_len: int) -> str | None:
+        """The tap's ``kind_rules`` for this call, or None when they say nothing."""
+        rules = self.kind_rules
+        if rules is None:
+            return None
+        if callable(rules):
+            kind = rules(name, q_len, k_len)
+            if kind is not None and kind not in KINDS:
+                raise AibaError(f"layer {name!r}: kind_rules returned {kind!r}, expected one of {KINDS} or None")
+            return kind
+        if name is None:
+            return None
+        for pattern, kind in rules.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return kind
+        return None
+
     def _selected(self, name: str, kind: str) -> bool:
-        if kind not in self.kinds:
+        if kind == "joint":
+            if not self.kinds:
+                return False
+        elif kind not in self.kinds:
             return False
         if self.steps is not None and not self.steps[0] <= self.step < self.steps[1]:
             return False
-        if self.layers is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.layers):
-            return False
+        if self.layers is not None:
+            hit = self._selcache.get(name)
+            if hit is None:
+                hit = self._selcache[name] = any(fnmatch.fnmatchcase(name, p) for p in self.layers)
+            return hit
         return True
 
     def _batch_rows(self, b: int, name: str) -> slice | None:
@@ -316,95 +397,307 @@ class AttnTap:
         return hit
 
     # --------------------------------------------------------------- capture
-    def _on_call(self, kernel: str, name: str | None, kind: str, kind_source: str, x: AttnInputs,
-                 outside: bool = False) -> CallRecord | None:
-        """Called by the shims for every attention call (after the kernel ran).
+    def _record(self, kernel: str, name: str | None, kind: str, kind_source: str, shape: tuple[int, int, int, int],
+                outside: bool = False, context: tuple[int, int] | None = None) -> CallRecord | None:
+        """Decide and note one call before anything is computed for it. Returns its record
+        (``captured`` True when the tap selected it for recompute), or None when the tap
+        keeps no record for it (``records="selected"``)."""
+        b, h, lq, lk = shape
+        name = name if name is not None else self._auto_name(kernel)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        selected = not outside and self._selected(name, kind)
+        if not selected and self.records == "selected":
+            return None
+        rec = CallRecord(name, kernel, kind, self.step, lq, lk, h, b, len(self.store), kind_source, outside=outside,
+                         context=context)
+        self.store.append(rec)
+        if not selected or not self.computes:
+            rec.captured = selected
+            return rec  # a record is all that was asked for: nothing to recompute
+        if lq == 0 or lk == 0:
+            rec.captured, rec.note = False, "empty"  # the kernel returned its result; no probabilities exist
+        return rec
 
-        ``outside``: the tap was given a model and the call came from elsewhere (a text
-        encoder, the VAE): it is recorded, never recomputed.
+    @property
+    def computes(self) -> bool:
+        """Whether a selected call is recomputed (probabilities kept or maps made)."""
+        return "probs" in self.keep or self.latent_shape is not None
+
+    def _capture(self, kernel: str, rec: CallRecord, x: AttnInputs) -> None:
+        """Recompute a selected call. A joint call's record keeps the probabilities of the
+        whole call (keep="probs"); its maps come from two blocks: latent-query rows over the
+        context keys (a softmax over those keys only, i.e. rows renormalised over the
+        context) as a cross call under the layer's name, and the latent block (renormalised
+        over the latent keys) as a self call under ``name + ":self"``."""
+        if rec.kind != "joint":
+            self._on_call(kernel, rec.name, rec.kind, rec.kind_source, x, rec.outside, rec=rec)
+            return
+        if "probs" in self.keep:
+            rows = self._batch_rows(x.shape[0], rec.name)
+            rec.probs = head_mean_probs(x.select_batch(rows), self.budget_bytes).cpu()  # (B, L, L)
+        if self.latent_shape is None:
+            return
+        start, stop = rec.context
+        _, _, lq, lk = x.shape
+        latent = slice(stop, lk) if start == 0 else slice(0, start)  # latent keys
+        rows = latent if lq == lk else slice(0, lq)  # latent queries (all of them when only keys are joint)
+        parts = []
+        if "cross" in self.kinds:
+            parts.append(("cross", rec.name, slice(start, stop)))
+        if "self" in self.kinds:
+            parts.append(("self", rec.name + ":self", latent))
+        for kind, name, cols in parts:
+            part = dataclasses.replace(rec, name=name, probs=None)
+            self._on_call(kernel, name, kind, rec.kind_source, _block(x, rows, cols), rec=part)
+            if rec.lattice is None:
+                rec.lattice, rec.grid = part.lattice, part.grid
+
+    def _fail(self, rec: CallRecord | None, name: str | None, exc: BaseException) -> None:
+        """Something went wrong while recording a call (after the kernel ran): note it on the
+        record, warn once per layer; ``maps()`` raises it."""
+        msg = f"{type(exc).__name__}: {exc}"
+        if rec is not None:
+            rec.error, rec.captured = msg, False
+            name = rec.name
+        self.errors.append((str(name), msg))
+        key = ("error", name)
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"layer {name!r}: attention call not recorded ({msg}); the forward was not affected, "
+                          "maps() will raise", AibaWarning, stacklevel=4)
+
+    def _lattice_name(self, name: str, lattice: tuple) -> str:
+        """A module issuing calls on several lattices gets one layer per lattice: the first
+        keeps its name, later ones are named ``name@T'xF'``."""
+        first = self._lattice_of.setdefault(name, lattice)
+        return name if first == lattice else f"{name}@{'x'.join(str(v) for v in lattice)}"
+
+    def _on_call(self, kernel: str, name: str | None, kind: str, kind_source: str, x: AttnInputs,
+                 outside: bool = False, rec: CallRecord | None = None) -> CallRecord | None:
+        """Recompute one call the tap selected (``rec`` from :meth:`_record`); without
+        ``rec`` the call is recorded first. ``outside``: the tap was given a model and the
+        call came from elsewhere (a text encoder, the VAE): it is recorded, never recomputed.
         """
         if kernel not in self.kernels:
             return None
-        b, h, lq, lk = x.shape
-        name = name if name is not None else self._auto_name(kernel)
-        rec = CallRecord(name, kernel, kind, self.step, lq, lk, h, b, len(self.store), kind_source, outside=outside)
-        self.store.append(rec)
-        if outside or not self._selected(name, kind):
-            rec.captured = False
-            return rec
+        if rec is None:
+            rec = self._record(kernel, name, kind, kind_source, x.shape, outside)
+            if rec is None or not rec.captured:
+                return rec
+        name = rec.name if name is None else name
+        self._recompute(rec, name, kind, x)
+        return rec
+
+    def _lattice(self, name: str, n: int) -> tuple[int, int]:
+        """The lattice of ``n`` tokens of layer ``name``, cached per layer (and per setting)."""
+        hit = self._lcache.get((name, n))
+        if hit is not None and hit[0] is self.latent_shape and hit[1] is self.lattices:
+            return hit[2]
+        lat = mapping.find_lattice(n, self.latent_shape, name=name, extra=self.lattices)
+        self._lcache[(name, n)] = (self.latent_shape, self.lattices, lat)
+        return lat
+
+    def _pool_vector(self, k_len: int, b: int, hk: int, g: int, device, name: str) -> torch.Tensor:
+        """(B, 1, Hk * Lk * g) float32: the pooling weights W_j / H in the keys-first layout of
+        the probabilities, so that one matmul does the head mean and the token pooling."""
+        key = ("vec", name, k_len, b, hk, g, device)
+        vec = self._wcache.get(key)
+        if vec is None:
+            w, _ = self._pool_weights(k_len, b, device, name)  # (B|1, Lk)
+            vec = (w.float() / (hk * g))[:, None, :, None].expand(b, hk, k_len, g).reshape(b, 1, hk * k_len * g)
+            self._wcache[key] = vec
+        return vec
+
+    def _row_vector(self, b: int, n: int, value: float, device) -> torch.Tensor:
+        """(B, 1, n) filled with ``value`` (the self-attention sum over heads and queries)."""
+        key = ("ones", b, n, value, device)
+        vec = self._wcache.get(key)
+        if vec is None:
+            vec = self._wcache[key] = torch.full((b, 1, n), value, dtype=torch.float32, device=device)
+        return vec
+
+    def _capture_item(self, rec: CallRecord, name: str, x: AttnInputs, item: int) -> bool:
+        """The common cross call: one kept batch item (e.g. the conditional CFG half), no mask,
+        one key head per query head, the whole (H, Lk, Lq) block within the budget. Folds the
+        pooled probabilities straight into the layer's running sum (three kernels for float32,
+        five for half types; see :func:`aiba.probs.fold_pooled_item`). False: not applicable.
+
+        What a layer needs (lattice, sum, pooling vector) is cached per layer as a plan, valid
+        while the call's shapes, the layer's sum and the mapping settings stay the same (the
+        plan lives in the pooling cache, which pooling settings clear)."""
+        q, k = x.q, x.k
+        qs, ks = q.shape, k.shape
+        plan = self._wcache.get(("plan", name))
+        if (plan is None or plan[0] != qs or plan[1] != ks or plan[2] is not q.dtype or plan[3] is not self._acc.get(plan[9])
+                or plan[4] is not self.latent_shape or plan[5] != (self.prefix_tokens, self.lattices, self.budget_bytes)):
+            plan = self._item_plan(name, q, k)
+            if plan is None:
+                return False
+        acc, flat, vec, lat = plan[3], plan[6], plan[7], plan[8]
+        rec.lattice = lat
+        fold_pooled_item(q[item], k[item], x.scale, vec, flat, self._count(acc, rec.step), self.prefix_tokens)
+        return True
+
+    def _item_plan(self, name: str, q: torch.Tensor, k: torch.Tensor) -> tuple | None:
+        _, h, lq, e = q.shape
+        lk = k.shape[2]
+        if k.shape[1] != h:
+            return None
+        block = h * lk * lq * 4 + (0 if q.dtype == torch.float32 else (lq + lk) * h * e * 4)
+        if block > self.budget_bytes:
+            return None
+        lat = self._lattice(name, lq - self.prefix_tokens)
+        layer = self._lattice_name(name, lat)
+        device = q.device
+        acc = self._acc.get(layer)
+        if acc is None:
+            acc = self._acc[layer] = _LayerAcc(torch.zeros((1, *lat), dtype=torch.float32, device=device), 0.0, 0,
+                                              on_lattice=True)
+        elif tuple(acc.total.shape) != (1, *lat) or not acc.on_lattice:
+            return None  # the general path names the mismatch
+        flat = acc.total.view(1, lat[0] * lat[1])  # (1, T'*F')
+        vec = self._pool_vector(lk, 1, h, 1, device, name).view(1, h * lk)  # W_j / H, tiled over heads
+        plan = (q.shape, k.shape, q.dtype, acc, self.latent_shape, (self.prefix_tokens, self.lattices, self.budget_bytes),
+                flat, vec, lat, layer)
+        self._wcache[("plan", name)] = plan
+        return plan
+
+    def _recompute(self, rec: CallRecord, name: str, kind: str, x: AttnInputs) -> None:
+        """Recompute a selected call's probabilities and fold them into the layer's map.
+
+        Cross calls are recomputed keys-first, so the head mean and the token pooling are one
+        matmul against a cached weight vector, and with the default settings (mean aggregate,
+        no per-call grids) that matmul adds straight into the layer's running sum on its lattice
+        (``baddbmm_``): per chunk one ``baddbmm`` (scores, scale included), one in-place
+        softmax and that one fold. Self calls sum the attention each key receives the same way.
+        """
         keep_probs = "probs" in self.keep
         mapped = self.latent_shape is not None
         if not (keep_probs or mapped):
-            return rec  # a record is all that was asked for: nothing to recompute
+            return  # a record is all that was asked for: nothing to recompute
+        rows = self._batch_rows(rec.batch, name)
+        if (kind == "cross" and mapped and not keep_probs and self.aggregate == "mean" and self.pool in _WEIGHTED
+                and x.bias is None and x.causal is None and not x.softcap and x.window == (-1, -1)
+                and not ("calls" in self.keep or "steps" in self.keep)):
+            item = (0 if rec.batch == 1 else None) if rows is None else rows.start if rows.stop - rows.start == 1 else None
+            if item is not None and self._capture_item(rec, name, x, item):
+                return
+        x = x.select_batch(rows)
+        b, h, lq, lk = x.shape
+        hk = x.k.shape[1]
+        g = h // hk
         device = x.q.device
-        x = x.select_batch(self._batch_rows(b, name))
-        bk = x.shape[0]
-        probs = torch.empty(bk, lq, lk, dtype=torch.float32, device=device) if keep_probs else None
+        p = self.prefix_tokens
         cross = kind == "cross"
-        if mapped and cross:
-            weights, mask = self._pool_weights(lk, bk, device, name)
-            pooled = torch.empty((bk, lq) if self.pool is not None else (bk, lq, lk), dtype=torch.float32, device=device)
-        elif mapped:
-            received = torch.zeros(bk, lk, dtype=torch.float32, device=device)
-        for start, stop, a in head_mean_chunks(x, self.budget_bytes):  # a: (B, c, Lk)
-            if keep_probs:
-                probs[:, start:stop] = a
-            if mapped and cross:
-                pooled[:, start:stop] = mapping.pool_queries(a, self.pool, weights, mask)
-            elif mapped:
-                received += a.sum(dim=1)  # attention each key position receives
+        n = (lq if cross else lk) - p  # lattice cells: queries (cross) or keys (self)
+        lat = rec.lattice = self._lattice(name, n) if mapped else None
+        if mapped:
+            name = self._lattice_name(name, lat)  # the layer the sums go to
+        per_call = self.aggregate == "max" or bool({"calls", "steps"} & self.keep)  # grids resized per call
+        fused = mapped and not per_call and (not cross or self.pool in ("mean", "subset", "softmax"))
+        probs = torch.empty(b, lq, lk, dtype=torch.float32, device=device) if keep_probs else None
+        if fused:
+            acc, w = self._acc_weight(name, (b, *lat), rec.step, device)
+            acc3 = acc.total.view(b, 1, n)  # (B, 1, T'*F'): the running sum, flat
+        pool = self.pool if cross else None
+        head_mean = keep_probs or (cross and mapped and pool in ("max", None))
+        row = b * lk * 4 * (2 if pool == "max" else 1) if head_mean else 0  # head mean (+ its masked copy)
+        fixed = 0
+        if mapped and not fused:
+            out_shape = (b, lq) if cross and pool is not None else (b, lk, lq) if cross else (b, 1, lk)
+            out = torch.zeros(out_shape, dtype=torch.float32, device=device)  # pooled values | received
+            fixed = out.numel() * 4
+            row += b * 4
+        if cross:
+            vec = self._pool_vector(lk, b, hk, g, device, name) if mapped and pool not in ("max", None) else None
+            if pool == "max":
+                _, mask = self._pool_weights(lk, b, device, name)
+            for start, stop, p5 in prob_chunks(x, self.budget_bytes, keys_first=True, row_bytes=row, fixed_bytes=fixed):
+                c = stop - start  # p5: (B, Hk, Lk, g, c)
+                if head_mean:
+                    at = p5.mean(dim=(1, 3))  # (B, Lk, c): head-mean probabilities, keys first
+                    if keep_probs:
+                        probs[:, start:stop] = at.transpose(1, 2)
+                if not mapped:
+                    continue
+                if fused:
+                    p3 = p5.view(b, hk * lk * g, c)
+                    if p == 0 and c == lq:
+                        acc3.baddbmm_(vec, p3, alpha=w)  # head mean + pooling + fold: (B, 1, N)
+                    elif stop > p:
+                        lo = max(start, p)
+                        acc3[:, :, lo - p : stop - p].baddbmm_(vec, p3[:, :, lo - start :], alpha=w)
+                elif pool is None:
+                    out[:, :, start:stop] = at
+                elif pool == "max":
+                    if mask is not None:
+                        at = at.masked_fill(~mask[:, :, None], float("-inf"))
+                    out[:, start:stop] = at.amax(dim=1)  # (B, c)
+                else:
+                    out[:, start:stop] = torch.bmm(vec, p5.view(b, hk * lk * g, c)).view(b, c)
+        else:
+            for start, stop, p5 in prob_chunks(x, self.budget_bytes, row_bytes=row, fixed_bytes=fixed):
+                c = stop - start  # p5: (B, Hk, g, c, Lk)
+                if keep_probs:
+                    torch.mean(p5.view(b, h, c, lk), dim=1, out=probs[:, start:stop])
+                if mapped:
+                    ones = self._row_vector(b, h * c, 1.0 / (h * lq), device)  # mean over heads and queries
+                    p3 = p5.view(b, h * c, lk)
+                    if fused:
+                        acc3.baddbmm_(ones, p3[:, :, p:] if p else p3, alpha=w)  # attention each key receives
+                    else:
+                        out.baddbmm_(ones, p3)
         if keep_probs:
             rec.probs = probs.cpu()
-        if mapped:
-            p = self.prefix_tokens
-            if cross:
-                values = pooled[:, p:] if self.pool is not None else pooled[:, p:].transpose(1, 2)  # (B, N) | (B, Lk, N)
+        if not mapped or fused:
+            return
+        if cross:
+            values = out[:, p:] if pool is not None else out[:, :, p:]  # (B, N) | (B, Lk, N)
+        else:
+            values = out[:, 0, p:]  # (B, N): mean attention received, keys = lattice cells
+        lattice_map = mapping.to_lattice(values, lat)  # (B, [Lk,] T', F')
+        if not per_call:
+            # resizing is linear: a weighted mean of resized maps is the resized weighted mean,
+            # so the sums stay on the lattice and maps() resizes each layer once
+            self._fold(name, lattice_map, rec.step, on_lattice=True)
+            return
+        grid = mapping.resize(lattice_map, self._grid_size, self.padding)  # (B, [Lk,] T, F)
+        if "calls" in self.keep:
+            rec.grid = grid.cpu()
+        if "steps" in self.keep:
+            held = self._steps.get(rec.step)
+            if held is None:
+                self._steps[rec.step] = [grid.clone(), 1]
             else:
-                values = received[:, p:] / lq  # (B, N): mean attention received, keys = lattice cells
-            n = values.shape[-1]
-            rec.lattice = mapping.find_lattice(n, self.latent_shape, name=name, extra=self.lattices)
-            lattice_map = mapping.to_lattice(values, rec.lattice)  # (B, [Lk,] T', F')
-            if not ({"calls", "steps"} & self.keep or self.aggregate == "max"):
-                # resizing is linear: a weighted mean of resized maps is the resized weighted mean,
-                # so the sums stay on the lattice and maps() resizes each layer once
-                self._fold(name, lattice_map, rec.step, on_lattice=True)
-                return rec
-            grid = mapping.resize(lattice_map, self._grid_size, self.padding)  # (B, [Lk,] T, F)
-            if "calls" in self.keep:
-                rec.grid = grid.cpu()
-            if "steps" in self.keep:
-                held = self._steps.get(rec.step)
-                if held is None:
-                    self._steps[rec.step] = [grid.clone(), 1]
-                else:
-                    held[0].add_(grid)
-                    held[1] += 1
-            self._fold(name, grid, rec.step)
-        return rec
+                held[0].add_(grid)
+                held[1] += 1
+        self._fold(name, grid, rec.step)
 
     @property
     def _grid_size(self) -> tuple[int, int]:
         return self.target_T, self.target_F if self.freq_resolved else 1
 
-    def _fold(self, name: str, grid: torch.Tensor, step: int, on_lattice: bool = False) -> None:
+    def _acc_weight(self, name: str, shape, step: int, device, on_lattice: bool = True) -> tuple["_LayerAcc", float]:
+        """Mean aggregate: the layer's running sum (zeros at first), re-referenced to the newest
+        step, and the weight of a call at ``step``; counts the call."""
         acc = self._acc.get(name)
         if acc is None:
-            acc = self._acc[name] = _LayerAcc(torch.zeros_like(grid) if self.aggregate == "mean" else grid.clone(), 0.0,
-                                              step, on_lattice=on_lattice)
-            if self.aggregate == "max":
-                acc.steps.add(step)
-                acc.calls += 1
-                return
-        if acc.total.shape != grid.shape or acc.on_lattice != on_lattice:
+            acc = self._acc[name] = _LayerAcc(torch.zeros(shape, dtype=torch.float32, device=device), 0.0, step,
+                                              on_lattice=on_lattice)
+        elif acc.total.shape != shape or acc.on_lattice != on_lattice:
             raise AibaError(
-                f"layer {name!r}: map of shape {tuple(grid.shape)} does not match the {tuple(acc.total.shape)} accumulated "
+                f"layer {name!r}: map of shape {tuple(shape)} does not match the {tuple(acc.total.shape)} accumulated "
                 "so far (batch or prompt length changed?); call tap.reset() between runs"
             )
+        return acc, self._count(acc, step)
+
+    def _count(self, acc: "_LayerAcc", step: int) -> float:
+        """Count a call at ``step`` into ``acc`` (mean aggregate) and return its weight; with
+        "late" weights the sums are first re-referenced to the newest step."""
+        if not acc.calls:
+            acc.last = step
         acc.steps.add(step)
         acc.calls += 1
-        if self.aggregate == "max":
-            torch.maximum(acc.total, grid, out=acc.total)
-            return
         w = 1.0
         if self.weights == "late":
             if step > acc.last:  # re-reference the sums to the newer step
@@ -414,10 +707,44 @@ class AttnTap:
                 acc.last = step
             else:
                 w = self.gamma ** (acc.last - step)
-        acc.total.add_(grid, alpha=w)
         acc.weight += w
+        return w
+
+    def _fold(self, name: str, grid: torch.Tensor, step: int, on_lattice: bool = False) -> None:
+        if self.aggregate == "mean":
+            acc, w = self._acc_weight(name, grid.shape, step, grid.device, on_lattice)
+            acc.total.add_(grid, alpha=w)
+            return
+        acc = self._acc.get(name)
+        if acc is None:
+            acc = self._acc[name] = _LayerAcc(grid.clone(), 0.0, step, on_lattice=on_lattice)
+        elif acc.total.shape != grid.shape or acc.on_lattice != on_lattice:
+            raise AibaError(
+                f"layer {name!r}: map of shape {tuple(grid.shape)} does not match the {tuple(acc.total.shape)} accumulated "
+                "so far (batch or prompt length changed?); call tap.reset() between runs"
+            )
+        else:
+            torch.maximum(acc.total, grid, out=acc.total)
+        acc.steps.add(step)
+        acc.calls += 1
 
     # ------------------------------------------------------------------ maps
+    def _warn_nonfinite(self, accs: Mapping[str, _LayerAcc]) -> None:
+        """Warn once per layer whose sums hold NaN or inf (q or k of a captured call were not
+        finite, e.g. a half-precision overflow). Checked when maps are read, so the capture path
+        never waits on the device; the maps are returned as computed."""
+        for n, a in accs.items():
+            if ("nonfinite", n) in self._warned or bool(torch.isfinite(a.total).all()):
+                continue
+            self._warned.add(("nonfinite", n))
+            warnings.warn(
+                f"layer {n!r}: its map holds NaN or inf ({int((~torch.isfinite(a.total)).sum())} of "
+                f"{a.total.numel()} cells of shape {tuple(a.total.shape)}): q or k of a captured call were not finite "
+                "(an overflow in half precision?); the map is returned as computed",
+                AibaWarning,
+                stacklevel=3,
+            )
+
     def maps(self, layers: str | Sequence[str] | Callable[[str], bool] | None = None,
              layer_weights: Mapping[str, float] | None = None) -> TapMaps:
         """Aggregate the captured calls (Eq. 8) into CPU maps.
@@ -425,6 +752,7 @@ class AttnTap:
         ``layers`` restricts which layers enter (fnmatch patterns or a predicate), e.g. one
         text stream. ``layer_weights`` overrides the tap's weights with layer-learned ones.
         """
+        self._raise_errors()
         if self.latent_shape is None:
             raise AibaError("the tap has no latent_shape, so no maps were made; set latent_shape=(T, F) or (T,)")
         if callable(layers):
@@ -443,6 +771,7 @@ class AttnTap:
                 raise AibaError(f"layer_weights lack layers {unknown[:4]}; got weights for {list(lw)[:4]}")
             if any(float(lw[n]) < 0 for n in accs):
                 raise AibaError("layer weights must be non-negative")
+        self._warn_nonfinite(accs)
         totals = {n: mapping.resize(a.total, self._grid_size, self.padding) if a.on_lattice else a.total
                   for n, a in accs.items()}  # (B, [Lk,] T, F) per layer
         shapes = {tuple(t.shape) for t in totals.values()}
@@ -471,6 +800,12 @@ class AttnTap:
             steps=len(set().union(*(a.steps for a in accs.values()))),
             calls=sum(a.calls for a in accs.values()),
         )
+
+    def _raise_errors(self) -> None:
+        if self.errors:
+            layers = sorted({n for n, _ in self.errors})
+            raise AibaError(f"{len(self.errors)} attention call(s) could not be recorded (layers {layers[:4]}"
+                            f"{'...' if len(layers) > 4 else ''}); first: {self.errors[0][1]}")
 
     def __repr__(self) -> str:
         return (f"AttnTap(target={self.target_T}x{self.target_F}, pool={self.pool!r}, kinds={sorted(self.kinds)}, "
