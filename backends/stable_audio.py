@@ -245,7 +245,10 @@ def load(model_id: str = "stabilityai/stable-audio-open-1.0", device=None, dtype
             f"stable-audio: stable_audio_tools.get_pretrained_model cannot be imported ({e}); "
             "it needs torchaudio and k-diffusion besides the DiT's modules"
         ) from None
-    model, model_config = get_pretrained_model(model_id)
+    from ._hub import checkpoint_guard
+
+    with checkpoint_guard(model_id, "stable-audio"):
+        model, model_config = get_pretrained_model(model_id)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
@@ -259,8 +262,11 @@ def load_pipeline(model_id: str = "stabilityai/stable-audio-open-1.0", device=No
     import torch
     from diffusers import StableAudioPipeline
 
+    from ._hub import checkpoint_guard
+
     kwargs = {} if dtype is None else {"torch_dtype": dtype}
-    pipe = StableAudioPipeline.from_pretrained(model_id, **kwargs)
+    with checkpoint_guard(model_id, "stable-audio-diffusers"):
+        pipe = StableAudioPipeline.from_pretrained(model_id, **kwargs)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return pipe.to(device)

@@ -70,6 +70,9 @@ def error_line(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ._quiet import quiet_third_party
+
+    quiet_third_party()
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(args.debug or os.environ.get("AIBA_DEBUG"))

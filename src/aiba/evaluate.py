@@ -149,27 +149,27 @@ class EvalConfig:
         for t in self.templates:  # every template filled once up front, with every class's word
             for c in self.classes:
                 fill_template(t, {"instrument": words[c]}, "eval: prompt template")
-        number("eval: fit_fraction", self.fit_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
+        number("eval --fit-fraction", self.fit_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
         if self.samples_per_class is not None:
-            integer("eval: samples_per_class", self.samples_per_class, lo=1)
+            integer("eval --samples-per-class", self.samples_per_class, lo=1)
         if self.steps is not None:
-            integer("eval: steps", self.steps, lo=1, hi=100_000)
+            integer("eval --steps", self.steps, lo=1, hi=100_000)
         if self.guidance_scale is not None:
-            number("eval: guidance_scale", self.guidance_scale)
+            number("eval --guidance-scale", self.guidance_scale)
         if self.seconds is not None:
-            number("eval: seconds", self.seconds, lo=0, lo_open=True, hi=3600)
-        integer("eval: seed", self.seed, lo=0, hi=2**32 - 1 - 100_000)
-        number("eval: gamma", self.gamma, lo=0, lo_open=True, hi=1)
-        number("eval: threshold", self.threshold, lo=0, hi=1)
-        integer("eval: n_boot", self.n_boot, lo=1)
-        integer("eval: step_maps", self.step_maps, lo=1)
-        integer("eval: template_stems", self.template_stems, lo=1)
-        integer("eval: render_tracks", self.render_tracks, lo=1)
-        number("eval: render_seconds", self.render_seconds, lo=0, lo_open=True, hi=3600)
+            number("eval --seconds", self.seconds, lo=0, lo_open=True, hi=3600)
+        integer("eval --seed", self.seed, lo=0)
+        number("eval --gamma", self.gamma, lo=0, lo_open=True, hi=1)
+        number("eval --threshold", self.threshold, lo=0, hi=1)
+        integer("eval --n-boot", self.n_boot, lo=1)
+        integer("eval --step-maps", self.step_maps, lo=1)
+        integer("eval --template-stems", self.template_stems, lo=1)
+        integer("eval --render-tracks", self.render_tracks, lo=1)
+        number("eval --render-seconds", self.render_seconds, lo=0.5, hi=600)
         if self.normalize not in ("max", "minmax", "none"):
             bad("normalize", self.normalize, ("max", "minmax", "none"))
 
-        def resolved(self) -> "EvalConfig":
+    def resolved(self) -> "EvalConfig":
         """Fill the backend-dependent defaults (steps, samples per class)."""
         return replace(self,
                        steps=self.steps if self.steps is not None else (10 if self.tiny else 200),

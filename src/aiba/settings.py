@@ -12,7 +12,7 @@ import string
 
 from .errors import AibaError
 
-__all__ = ["integer", "number", "choice", "fill_template"]
+__all__ = ["integer", "number", "choice", "fill_template", "writable_file"]
 
 
 def _fail(name: str, value, expected: str):
@@ -92,3 +92,25 @@ def fill_template(template, fields: dict, what: str = "prompt template") -> str:
         return template.format(**fields)
     except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
         raise AibaError(f"{what} {template!r}: {e}") from None
+
+
+def writable_file(name: str, path):
+    """A path a file can be written to: not a folder, its folder exists and is writable.
+
+    Checked before any work so a long run does not fail at its last write.
+    """
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise AibaError(f"{name} {p}: is a folder; give a file path (e.g. {p / 'result.json'})", kind="io")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        what = "is a file" if parent.exists() else "does not exist"
+        raise AibaError(f"{name} {p}: its folder {parent} {what}; create the folder or choose another path",
+                        kind="io")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise AibaError(f"{name} {p}: not writable (permissions or a read-only file system); choose another path",
+                        kind="io")
+    return p
