@@ -30,8 +30,18 @@ COMMANDS = [
     "aiba.diagnose",
 ]
 
-_EPILOG = "exit status: " + ", ".join(f"{v} {k}" for k, v in EXIT_CODES.items()) + (
-    ". Errors are one line 'aiba: error: ...'; --debug shows the traceback.")
+_EXIT_MEANING = {
+    "ok": "success",
+    "bug": "an unexpected error (a bug: the traceback is printed; please report it)",
+    "usage": "bad command line",
+    "input": "invalid settings or input files",
+    "io": "reading or writing failed (disk full, permissions, read-only, a file where a folder belongs)",
+    "missing": "a model checkpoint or an optional dependency is not installed",
+    "locked": "the run directory is in use by another aiba process",
+    "interrupted": "interrupted (Ctrl-C); finished results are kept, rerun to resume",
+}
+_EPILOG = ("exit status:\n" + "\n".join(f"  {v:>3} {k:<12} {_EXIT_MEANING[k]}" for k, v in EXIT_CODES.items())
+           + "\n\nErrors are one line 'aiba: error: ...' on stderr; --debug (or AIBA_DEBUG=1) shows the traceback.")
 
 # what to do about an OSError, by errno
 _IO_HINTS = {
@@ -55,7 +65,8 @@ def _io_message(e: OSError) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aiba", description=__doc__.splitlines()[0], epilog=_EPILOG)
+    parser = argparse.ArgumentParser(prog="aiba", description=__doc__.splitlines()[0], epilog=_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks (also AIBA_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:

@@ -115,7 +115,7 @@ def save_heatmap(grid: torch.Tensor, path: str | Path, title: str = "") -> Path:
     try:
         import matplotlib
     except ImportError:
-        raise AibaError("drawing the heat map needs matplotlib: pip install 'aiba[eval]'") from None
+        raise AibaError("drawing the heat map needs matplotlib: pip install 'aiba[eval]'", kind="missing") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

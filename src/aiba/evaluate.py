@@ -391,7 +391,15 @@ def _check_manifest(run: Path, cfg: EvalConfig, n_samples: int, world: int, *, w
         if not write:
             return
         print(f"aiba eval: {run}: its manifest came from a run with other settings that wrote no record; "
-              "replaced", file=sys.stderr)
+              "replaced (with the assets built for those settings)", file=sys.stderr)
+        import shutil
+
+        for asset in ("data_templates.npz", "mini_slakh"):  # built for the old settings
+            p = run / asset
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
     elif not write:
         return
     atomic_write(path, json.dumps(_manifest(cfg, n_samples, world), indent=2))
@@ -717,6 +725,8 @@ def run_eval(cfg: EvalConfig, *, rank: int | None = None, world: int | None = No
         rank, world = dist_info()
     samples = plan(cfg)  # every prompt filled: nothing is written before the settings hold
     run = Path(cfg.out)
+    if cfg.dataset is not None and not Path(cfg.dataset).is_dir():
+        raise AibaError(f"--dataset {cfg.dataset}: no such folder (a Slakh-layout root is expected)")
     if rank == 0:
         _check_manifest(run, cfg, len(samples), world, write=False)  # refuse other settings before writing
     _prepare_dir(run)
