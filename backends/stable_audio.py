@@ -247,8 +247,13 @@ def load(model_id: str = "stabilityai/stable-audio-open-1.0", device=None, dtype
         ) from None
     from ._hub import checkpoint_guard
 
-    with checkpoint_guard(model_id, "stable-audio"):
-        model, model_config = get_pretrained_model(model_id)
+    try:
+        with checkpoint_guard(model_id, "stable-audio"):
+            model, model_config = get_pretrained_model(model_id)
+    except ImportError as e:  # the checkpoint's model_config.json names modules a --no-deps install lacks
+        raise AibaError(f"stable-audio: building {model_id} from its model_config.json needs {e.name or e} "
+                        f"({e}); install stable-audio-tools' generation dependencies (torchaudio, k-diffusion, "
+                        "einops-exts), or use --backend stable-audio-diffusers", kind="missing") from None
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)

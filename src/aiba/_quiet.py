@@ -7,6 +7,8 @@ Each filter is narrow (one message of one library), so every other warning still
   layouts and bias classes on the CPU and calls its kernels only where they run.
 - transformers' GPT-2 warns "`past_key_values` is deprecated" (FutureWarning) each time
   diffusers' AudioLDM2 pipeline generates its language-model tokens; the call is diffusers'.
+- torch warns that ``torch.nn.utils.weight_norm`` is deprecated when diffusers builds the
+  Oobleck autoencoder of Stable Audio; the call is diffusers'.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ __all__ = ["quiet_third_party", "WARNING_FILTERS"]
 # (action, message regex, category name, module regex): the warnings filters applied
 WARNING_FILTERS = (
     ("ignore", r"`past_key_values` is deprecated", FutureWarning, r"transformers(\.|$)"),
+    ("ignore", r"`torch.nn.utils.weight_norm` is deprecated", FutureWarning, r"torch\.nn\.utils\.weight_norm$"),
 )
 
 
