@@ -67,9 +67,6 @@ class RenderConfig:
         integer("sr", self.sr, lo=8000, hi=192_000)
         if self.synth not in ("auto", "fluidsynth", "sine"):
             raise AibaError(f"synth must be 'auto', 'fluidsynth' or 'sine', got {self.synth!r}")
-        if self.soundfont is not None and not Path(self.soundfont).is_file():
-            raise AibaError(f"soundfont {self.soundfont}: {'a folder' if Path(self.soundfont).is_dir() else 'not found'}"
-                            "; give a General MIDI .sf2 file")
 
 
 # Per class: GM programs to draw from (0-based) and the MIDI note register of the part.
@@ -132,9 +129,9 @@ def check_soundfont(path) -> None:
 def check_stem_audio(y: np.ndarray, sr: int, what: str) -> None:
     """Refuse a render that is not audio: silence, a few clicks, or a constant offset.
 
-    Rendered parts play notes for most of the clip: at least 10% of its 50 ms frames must
-    lie within 50 dB of its loudest frame, its samples must take many distinct magnitudes
-    (not a few levels of clicks), and its spectrum must not be white (flatness < 0.5).
+    Rendered parts play notes for much of the clip: at least 10% of its 50 ms frames must
+    lie within 50 dB of its loudest frame, and its samples must take many distinct
+    magnitudes (a FluidSynth without a usable soundfont gives a few levels of clicks).
     """
     y = np.asarray(y, dtype=np.float64).ravel()
     peak = float(np.max(np.abs(y))) if y.size else 0.0
@@ -147,15 +144,13 @@ def check_stem_audio(y: np.ndarray, sr: int, what: str) -> None:
     frames = y[: n * hop].reshape(n, hop) if n else y[None]
     rms = np.sqrt(np.mean(frames ** 2, axis=1))  # (frames,)
     active = float(np.mean(rms > rms.max() * 10 ** (-50 / 20)))
-    spec = np.abs(np.fft.rfft((y - y.mean()) * np.hanning(y.size))) ** 2 + 1e-20  # (bins,)
-    flatness = float(np.exp(np.mean(np.log(spec))) / np.mean(spec))
     levels = np.unique(np.round(np.abs(y[y != 0]) / peak, 6)).size  # distinct magnitudes
     if levels < 32:
         raise AibaError(f"{what}: the render is not audio (its samples take only {levels} distinct levels: "
                         "clicks or noise); check the soundfont is a General MIDI .sf2")
-    if active < 0.1 or flatness > 0.5:
-        raise AibaError(f"{what}: the render is not audio of notes ({active:.0%} of 50 ms frames active, "
-                        f"spectral flatness {flatness:.2f}); check the soundfont is a General MIDI .sf2")
+    if active < 0.1:
+        raise AibaError(f"{what}: the render is not audio of notes (only {active:.0%} of its 50 ms frames within "
+                        "50 dB of the loudest); check the soundfont is a General MIDI .sf2")
 
 
 def _voice(pcs, low, high):
