@@ -326,3 +326,28 @@ def test_diagnose_json_is_clean_for_stable_audio():
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)  # what `| python -m json.tool` and `| jq` need
     assert d["exposes_cross_attention"] is True and d["frequency_resolved"] is False
+
+
+def test_make_dataset_disk_full_is_one_line(tmp_path, monkeypatch, capsys):
+    """libsndfile reports a full disk as "System error." (no errno): the line says what failed
+    and where, the track is not left half-written, and complete tracks are kept."""
+    sf = pytest.importorskip("soundfile")
+    import shutil
+
+    from aiba.data import render
+
+    out = tmp_path / "ds"
+    assert main(["make-dataset", str(out), "--tracks", "1", "--seconds", "1", "--synth", "sine", "-q"]) == 0
+    capsys.readouterr()
+    before = tree_hashes(out)
+
+    def full(*a, **k):
+        raise sf.LibsndfileError(2, "Error opening 'S01.flac': ")
+
+    monkeypatch.setattr(sf, "write", full)
+    monkeypatch.setattr(render.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100 << 30, 100 << 30, 0))
+    code, _, err = run_cli(["make-dataset", out, "--tracks", "2", "--seconds", "1", "--synth", "sine", "-q"], capsys)
+    assert code == IO
+    line = assert_one_error_line(err, "No space left on device")
+    assert "System error" in line and ".Track00002.partial" in line
+    assert tree_hashes(out) == before and not list(out.rglob(".Track*"))

@@ -390,8 +390,9 @@ def make_dataset(out, cfg: RenderConfig, progress: bool = True) -> list[Path]:
                 if type(e).__name__ != "LibsndfileError":
                     raise
                 free = shutil.disk_usage(out).free
-                raise OSError(errno.ENOSPC if free < (64 << 20) else errno.EIO,
-                              f"writing audio failed ({e}; {free >> 20} MiB free)", str(tmp)) from e
+                code = errno.ENOSPC if free < (64 << 20) else errno.EIO
+                raise OSError(code, f"{os.strerror(code)} while writing audio (libsndfile: {e}; {free >> 20} MiB "
+                              "free)", str(tmp)) from e
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp)
