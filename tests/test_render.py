@@ -183,3 +183,16 @@ def test_soundfont_fluidsynth_cannot_load_is_refused(tmp_path):
                                                                      synth="fluidsynth"), progress=False)
     assert not any((tmp_path / "ds").glob("*/Track*"))
     render.check_soundfont(render.default_soundfont())  # the bundled GM soundfont loads
+
+
+def test_partial_track_of_a_dead_writer_is_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / "train" / f".Track00007.partial-{dead}"
+    (stale / "stems").mkdir(parents=True)
+    (stale / "stems" / "S01.flac").write_bytes(b"half")
+    render.make_dataset(tmp_path, render.RenderConfig(tracks=1, seconds=1.0, synth="sine"), progress=False)
+    assert not stale.exists() and (tmp_path / "train" / "Track00001" / "metadata.yaml").is_file()

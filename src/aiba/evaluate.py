@@ -14,6 +14,7 @@ ground truth:
 
 Run directory (``runs/NAME``)::
 
+    .aiba.lock              held by the one process writing the directory (pid, host, start time)
     manifest.json           versions, git revision, backend, seeds, full config (checked on resume)
     records.jsonl           one JSON line per sample (single process)
     records.rank{r}-of-{w}.jsonl   one shard file per rank (RANK / WORLD_SIZE), until --merge
@@ -27,6 +28,10 @@ Records are appended as one full line with flush + fsync after their ``.npz`` is
 (``os.replace``), so an interruption loses at most the sample in flight; a rerun skips the
 ids already written, refuses a run directory written with other settings, and reports and
 redoes corrupt records (a half-written last line, a missing or unreadable ``.npz``).
+Every setting is checked (:class:`EvalConfig`, every prompt filled) before anything is
+written; the model is loaded before ``manifest.json`` is, and the manifest of a run that
+wrote no record is replaced. A second writer on the directory stops with the holder's
+pid, host and start time; temporaries of a dead writer are removed.
 
 Scale-out: under ``accelerate launch -m aiba eval ...`` or ``torchrun``, sample ``i`` of the
 plan goes to rank ``i % WORLD_SIZE``; each rank writes its own shard file, and

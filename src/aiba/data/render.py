@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, pid_alive
 from ..errors import AibaError, AibaWarning
 from .slakh import inst_class_for_program
 
@@ -369,6 +369,10 @@ def make_dataset(out, cfg: RenderConfig, progress: bool = True) -> list[Path]:
             raise AibaError(f"{out} was written with other settings {diff} (old, new): use another folder")
     else:
         atomic_write(cfg_file, lambda p: p.write_text(yaml.safe_dump(record, sort_keys=True)))
+    for partial in out.glob("*/.Track*.partial-*"):  # folders of a writer that died mid-track
+        pid = partial.name.rsplit("-", 1)[-1]
+        if partial.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
     paths = []
     with tqdm(total=cfg.tracks, desc="make-dataset", unit="track", disable=not progress) as bar:
         for i in range(1, cfg.tracks + 1):
