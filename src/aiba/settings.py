@@ -12,7 +12,7 @@ import string
 
 from .errors import AibaError
 
-__all__ = ["integer", "number", "choice", "fill_template", "writable_file"]
+__all__ = ["integer", "number", "fill_template", "writable_file"]
 
 
 def _fail(name: str, value, expected: str):
@@ -58,13 +58,6 @@ def number(name: str, value, *, lo: float | None = None, hi: float | None = None
     if hi is not None and (v > hi or (hi_open and v == hi)):
         _fail(name, value, expected)
     return v
-
-
-def choice(name: str, value, allowed) -> object:
-    """One of ``allowed``."""
-    if value not in tuple(allowed):
-        raise AibaError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-    return value
 
 
 def fill_template(template, fields: dict, what: str = "prompt template") -> str:
