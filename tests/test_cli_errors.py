@@ -385,3 +385,15 @@ def test_make_dataset_disk_full_is_one_line(tmp_path, monkeypatch, capsys):
     line = assert_one_error_line(err, "No space left on device")
     assert "System error" in line and ".Track00002.partial" in line
     assert tree_hashes(out) == before and not list(out.rglob(".Track*"))
+
+
+def test_single_class_skips_the_shuffled_baseline_with_a_note(tmp_path, capsys):
+    run = tmp_path / "one"
+    code, out, err = run_cli(["eval", *RUN_ARGS, "--out", run, "--classes", "bass", "--samples-per-class", "2"],
+                             capsys)
+    assert code == 0, err
+    assert "shuffled null baseline skipped" in err
+    info = json.loads((run / "tables.json").read_text())
+    assert any("shuffled" in n for n in info["notes"])
+    assert set(info["table1"]["null"]) == {"uniform"}
+    assert "shuffled" not in (run / "table1.md").read_text() and "nan" not in (run / "table1.md").read_text()
