@@ -61,10 +61,10 @@ class RenderConfig:
     def __post_init__(self):
         from ..settings import integer, number
 
-        integer("tracks", self.tracks, lo=1, hi=100_000)
-        number("seconds", self.seconds, lo=0.5, hi=600)
-        integer("seed", self.seed, lo=0)
-        integer("sr", self.sr, lo=8000, hi=192_000)
+        integer("make-dataset --tracks", self.tracks, lo=1, hi=100_000)
+        number("make-dataset --seconds", self.seconds, lo=0.5, hi=600)
+        integer("make-dataset --seed", self.seed, lo=0)
+        integer("make-dataset --sr", self.sr, lo=8000, hi=192_000)
         if self.synth not in ("auto", "fluidsynth", "sine"):
             raise AibaError(f"synth must be 'auto', 'fluidsynth' or 'sine', got {self.synth!r}")
 
