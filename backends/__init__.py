@@ -49,7 +49,8 @@ def get(name: str, tiny: bool = False, **kw):
     missing = _missing(name)
     if missing:
         raise AibaError(f"backend {name!r} needs {missing}: pip install 'aiba[{_EXTRAS.get(name, name)}]'"
-                        + (" and pip install --no-deps stable-audio-tools" if "stable_audio_tools" in missing else ""))
+                        + (" and pip install --no-deps stable-audio-tools" if "stable_audio_tools" in missing else ""),
+                        kind="missing")
     module, cls_name, _ = BACKENDS[name]
     cls = getattr(importlib.import_module(f"{__name__}.{module}"), cls_name)
     if name == "generic":

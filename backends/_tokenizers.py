@@ -6,7 +6,7 @@ family's special tokens). Unknown words map to ``<unk>``.
 """
 from __future__ import annotations
 
-__all__ = ["TINY_WORDS", "roberta_style", "t5_style"]
+__all__ = ["TINY_WORDS", "roberta_style", "t5_style", "t5_unigram"]
 
 # Instrument words (the paper's six classes and their plurals) and the glue words of
 # typical prompts. Order fixes the token ids: keep it stable.
@@ -67,3 +67,14 @@ def t5_style(model_max_length: int = 16, words=TINY_WORDS):
         extra_ids=0,
         eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
     )
+
+
+def t5_unigram(model_max_length: int = 16, words=TINY_WORDS):
+    """The :func:`t5_style` vocabulary (same ids) as the hub's T5 tokenizers are: a SentencePiece
+    Unigram model over ``▁word`` pieces, so ``save_pretrained`` / ``from_pretrained`` round-trip
+    it like a real checkpoint's ``tokenizer.json``."""
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length,
+                           eos_token="</s>", unk_token="<unk>", pad_token="<pad>")

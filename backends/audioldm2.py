@@ -85,11 +85,14 @@ def load(model_id: str = "cvssp/audioldm2-music", device=None, dtype=None):
     from diffusers import AudioLDM2Pipeline
     from transformers import GPT2LMHeadModel
 
+    from ._hub import checkpoint_guard
+
     kwargs = {} if dtype is None else {"torch_dtype": dtype}
     # The checkpoints store a GPT2Model; the pipeline's generation loop needs the
     # GenerationMixin helpers that transformers >= 5 only gives GPT2LMHeadModel.
-    kwargs["language_model"] = GPT2LMHeadModel.from_pretrained(model_id, subfolder="language_model", **kwargs)
-    pipe = AudioLDM2Pipeline.from_pretrained(model_id, **kwargs)
+    with checkpoint_guard(model_id, "audioldm2"):
+        kwargs["language_model"] = GPT2LMHeadModel.from_pretrained(model_id, subfolder="language_model", **kwargs)
+        pipe = AudioLDM2Pipeline.from_pretrained(model_id, **kwargs)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return pipe.to(device)

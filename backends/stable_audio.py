@@ -243,7 +243,15 @@ def load(model_id: str = "stabilityai/stable-audio-open-1.0", device=None, dtype
             f"stable-audio: stable_audio_tools.get_pretrained_model cannot be imported ({e}); "
             "it needs torchaudio and k-diffusion besides the DiT's modules"
         ) from None
-    model, model_config = get_pretrained_model(model_id)
+    from ._hub import checkpoint_guard
+
+    try:
+        with checkpoint_guard(model_id, "stable-audio"):
+            model, model_config = get_pretrained_model(model_id)
+    except ImportError as e:  # the checkpoint's model_config.json names modules a --no-deps install lacks
+        raise AibaError(f"stable-audio: building {model_id} from its model_config.json needs {e.name or e} "
+                        f"({e}); install stable-audio-tools' generation dependencies (torchaudio, k-diffusion, "
+                        "einops-exts), or use --backend stable-audio-diffusers", kind="missing") from None
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
@@ -257,8 +265,11 @@ def load_pipeline(model_id: str = "stabilityai/stable-audio-open-1.0", device=No
     import torch
     from diffusers import StableAudioPipeline
 
+    from ._hub import checkpoint_guard
+
     kwargs = {} if dtype is None else {"torch_dtype": dtype}
-    pipe = StableAudioPipeline.from_pretrained(model_id, **kwargs)
+    with checkpoint_guard(model_id, "stable-audio-diffusers"):
+        pipe = StableAudioPipeline.from_pretrained(model_id, **kwargs)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return pipe.to(device)

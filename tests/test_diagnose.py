@@ -122,7 +122,7 @@ def test_cli_model_factory_human(tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "cross_attn" in text and "mha" in text and "30 x 7" in text and "6x5" in text
     assert "exposes cross-attention: yes" in text and "cfg: unknown" in text
-    assert main(["diagnose", "--model", "mha_factory:bad"]) == 1
+    assert main(["diagnose", "--model", "mha_factory:bad"]) == 3  # EXIT_CODES["input"]
     assert "factory must return" in capsys.readouterr().err
     assert main(["diagnose", "--model", "mha_factory:build", "--latent-shape", "30", "--json", "--steps", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -130,5 +130,5 @@ def test_cli_model_factory_human(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_needs_a_source(capsys):
-    assert main(["diagnose"]) == 1
+    assert main(["diagnose"]) == 3  # EXIT_CODES["input"]
     assert "--backend" in capsys.readouterr().err

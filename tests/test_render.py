@@ -145,5 +145,54 @@ def test_cli_main_registers_make_dataset(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "ds")
     assert cli.main(["make-dataset", out, "--tracks", "1", "--seconds", "1", "-q", "--synth", "sine"]) == 0
     assert cli.main(["make-dataset", out, "--tracks", "1", "--seconds", "1", "-q", "--seed", "9",
-                     "--synth", "sine"]) == 1
+                     "--synth", "sine"]) == 3  # EXIT_CODES["input"]
     assert "other settings" in capsys.readouterr().err
+
+
+def test_stem_check_refuses_what_is_not_audio():
+    """Silence, the +-1 clicks FluidSynth gives without a usable soundfont, and a lone burst
+    are refused; a rendered note and the sine fallback's noise drums pass."""
+    sr = 16000
+    t = np.arange(sr * 2) / sr
+    rng = np.random.default_rng(0)
+    clicks = np.where(rng.random(t.size) < 0.25, rng.choice([-1.0, 1.0], t.size), 0.0)
+    burst = np.zeros(t.size)
+    burst[:400] = np.sin(2 * np.pi * 440 * t[:400])
+    for bad, match in ((np.zeros(t.size), "silence"), (clicks, "distinct levels"), (burst, "frames")):
+        with pytest.raises(AibaError, match=match):
+            render.check_stem_audio(bad, sr, "S01")
+    note = np.sin(2 * np.pi * 110 * t) * np.exp(-t)
+    render.check_stem_audio(note, sr, "S01")
+    noise_hits = np.zeros(t.size)
+    for start in range(0, t.size - 2400, 4000):
+        noise_hits[start:start + 2400] = rng.standard_normal(2400) * np.exp(-np.arange(2400) / 480)
+    render.check_stem_audio(noise_hits, sr, "S02")
+
+
+def test_soundfont_fluidsynth_cannot_load_is_refused(tmp_path):
+    pytest.importorskip("fluidsynth")
+    if not render.fluidsynth_available():
+        pytest.skip("libfluidsynth missing")
+    text = tmp_path / "a.sf2"
+    text.write_text("not a soundfont\n")
+    fake = tmp_path / "b.sf2"
+    fake.write_bytes(b"RIFF\x10\x00\x00\x00sfbkLIST" + bytes(64))
+    for sf2, match in ((text, "not a SoundFont 2 file"), (fake, "FluidSynth cannot load it")):
+        with pytest.raises(AibaError, match=match):
+            render.make_dataset(tmp_path / "ds", render.RenderConfig(tracks=1, seconds=1.0, soundfont=str(sf2),
+                                                                     synth="fluidsynth"), progress=False)
+    assert not any((tmp_path / "ds").glob("*/Track*"))
+    render.check_soundfont(render.default_soundfont())  # the bundled GM soundfont loads
+
+
+def test_partial_track_of_a_dead_writer_is_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / "train" / f".Track00007.partial-{dead}"
+    (stale / "stems").mkdir(parents=True)
+    (stale / "stems" / "S01.flac").write_bytes(b"half")
+    render.make_dataset(tmp_path, render.RenderConfig(tracks=1, seconds=1.0, synth="sine"), progress=False)
+    assert not stale.exists() and (tmp_path / "train" / "Track00001" / "metadata.yaml").is_file()

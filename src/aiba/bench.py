@@ -930,6 +930,14 @@ def format_table(result: dict) -> str:
 def _run_cli(args) -> int:
     import json
 
+    from .settings import integer, writable_file
+
+    for name in ("batch", "reps", "steps", "threads"):
+        if getattr(args, name) is not None:
+            integer(f"--{name}", getattr(args, name), lo=1)
+    integer("--warmup", args.warmup, lo=0)
+    if args.json:
+        writable_file("--json", args.json)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     cfg = BenchConfig(backend=args.backend, size="full" if args.full_size else args.size, device=args.device, dtype=args.dtype,
                       batch=args.batch, modes=modes, reps=args.reps, warmup=args.warmup, steps=args.steps,

@@ -115,7 +115,7 @@ def save_heatmap(grid: torch.Tensor, path: str | Path, title: str = "") -> Path:
     try:
         import matplotlib
     except ImportError:
-        raise AibaError("drawing the heat map needs matplotlib: pip install 'aiba[eval]'") from None
+        raise AibaError("drawing the heat map needs matplotlib: pip install 'aiba[eval]'", kind="missing") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -134,6 +134,9 @@ def save_heatmap(grid: torch.Tensor, path: str | Path, title: str = "") -> Path:
 
 
 def _cmd(args) -> int:
+    from .settings import writable_file
+
+    writable_file("--out", args.out)
     report = run_demo(args.out)
     print(f"{'layer':10} {'kernel':6} {'kind':6} {'q x k':>8}  lattice")
     for c in report["calls"]:

@@ -301,10 +301,26 @@ def load_factory(spec: str):
         factory = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as e:
         raise AibaError(f"--model {spec!r}: {e}") from None
-    out = factory()
+    if not callable(factory):
+        raise AibaError(f"--model {spec!r}: {attr} is a {type(factory).__name__}, not a callable factory")
+    try:
+        out = factory()
+    except AibaError:
+        raise
+    except Exception as e:  # the user's code failed: say where, without aiba's traceback
+        raise AibaError(f"--model {spec!r}: the factory raised {type(e).__name__}: {e} "
+                        "(run with --debug for its traceback)") from e
+    import torch
+
     if not (isinstance(out, tuple) and len(out) == 2):
         raise AibaError(f"--model {spec!r}: the factory must return (model, run_callable | example_inputs), "
                         f"got {type(out).__name__}")
+    if not isinstance(out[0], torch.nn.Module):
+        raise AibaError(f"--model {spec!r}: the factory's first item must be a torch.nn.Module, "
+                        f"got {type(out[0]).__name__} ({out[0]!r:.60})")
+    if not (callable(out[1]) or isinstance(out[1], (torch.Tensor, tuple, list, dict))):
+        raise AibaError(f"--model {spec!r}: the factory's second item must be a run callable or example inputs "
+                        f"(tensor, tuple, list or dict), got {type(out[1]).__name__}")
     return out
 
 
@@ -316,6 +332,24 @@ def _ints(text: str) -> tuple:
 
 
 def _run(args) -> int:
+    import contextlib
+    import sys
+
+    from .settings import integer
+
+    integer("--steps", args.steps, lo=1, hi=10_000)
+    integer("--seed", args.seed, lo=0)
+    if args.prefix_tokens is not None:
+        integer("--prefix-tokens", args.prefix_tokens, lo=0)
+    if args.latent_shape and not args.model:
+        raise AibaError("--latent-shape applies to --model only")
+    with contextlib.redirect_stdout(sys.stderr):  # libraries' prints never reach the report (| jq)
+        d = _diagnose_args(args)
+    print(json.dumps(d.to_dict(), indent=2) if args.json else format_report(d))
+    return 0
+
+
+def _diagnose_args(args):
     if args.model:
         from .backends.generic import GenericBackend
 
@@ -330,9 +364,7 @@ def _run(args) -> int:
         backend = get(args.backend, tiny=args.tiny)
     else:
         raise AibaError("give --backend NAME or --model package.module:factory")
-    d = diagnose(backend, prompt=args.prompt, steps=args.steps, pool=args.pool, seed=args.seed)
-    print(json.dumps(d.to_dict(), indent=2) if args.json else format_report(d))
-    return 0
+    return diagnose(backend, prompt=args.prompt, steps=args.steps, pool=args.pool, seed=args.seed)
 
 
 def register(subparsers) -> None:

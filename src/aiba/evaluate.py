@@ -14,6 +14,7 @@ ground truth:
 
 Run directory (``runs/NAME``)::
 
+    .aiba.lock              held by the one process writing the directory (pid, host, start time)
     manifest.json           versions, git revision, backend, seeds, full config (checked on resume)
     records.jsonl           one JSON line per sample (single process)
     records.rank{r}-of-{w}.jsonl   one shard file per rank (RANK / WORLD_SIZE), until --merge
@@ -27,6 +28,10 @@ Records are appended as one full line with flush + fsync after their ``.npz`` is
 (``os.replace``), so an interruption loses at most the sample in flight; a rerun skips the
 ids already written, refuses a run directory written with other settings, and reports and
 redoes corrupt records (a half-written last line, a missing or unreadable ``.npz``).
+Every setting is checked (:class:`EvalConfig`, every prompt filled) before anything is
+written; the model is loaded before ``manifest.json`` is, and the manifest of a run that
+wrote no record is replaced. A second writer on the directory stops with the holder's
+pid, host and start time; temporaries of a dead writer are removed.
 
 Scale-out: under ``accelerate launch -m aiba eval ...`` or ``torchrun``, sample ``i`` of the
 plan goes to rank ``i % WORLD_SIZE``; each rank writes its own shard file, and
@@ -37,6 +42,7 @@ builds the tables and figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -50,8 +56,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
+from .atomic import atomic_write, remove_stale_temps
 from .errors import AibaError, AibaWarning
+from .runlock import LOCK_NAME, RunLock
+from .settings import fill_template, integer, number
 
 __all__ = ["EvalConfig", "Sample", "DEFAULT_TEMPLATES", "INSTRUMENT_WORDS", "GT_KINDS", "plan",
            "run_eval", "merge", "report", "load_records", "load_prompts", "instrument_token_indices",
@@ -124,16 +132,47 @@ class EvalConfig:
             bad("kinds", self.kinds, ("cross", "all"))
         if len(self.grid) != 2 or min(self.grid) < 2:
             raise AibaError(f"eval: grid must be (T, F) with sizes >= 2, got {self.grid}")
+        integer("eval: grid T", self.grid[0], lo=2, hi=1 << 16)
+        integer("eval: grid F", self.grid[1], lo=2, hi=1 << 16)
         if not self.classes:
             raise AibaError("eval: no classes")
-        if not self.templates or any("{instrument}" not in t for t in self.templates):
+        dup = sorted({c for c in self.classes if list(self.classes).count(c) > 1})
+        if dup:
+            raise AibaError(f"eval: class(es) {dup} given more than once")
+        if not self.templates or any(not isinstance(t, str) or "{instrument}" not in t for t in self.templates):
             raise AibaError(f"eval: every prompt template needs '{{instrument}}', got {list(self.templates)}")
-        if not 0 < self.fit_fraction < 1:
-            raise AibaError(f"eval: fit_fraction must be in (0, 1), got {self.fit_fraction}")
-        words = dict(self.instruments)
+        try:
+            words = dict(self.instruments)
+        except (TypeError, ValueError):
+            raise AibaError(f"eval: instruments must be (class, word) pairs, got {self.instruments!r}") from None
+        bad_words = {c: w for c, w in words.items() if not isinstance(w, str) or not w.strip()}
+        if bad_words:
+            raise AibaError(f"eval: instrument words must be non-empty text, got {bad_words}")
         missing = [c for c in self.classes if c not in words]
         if missing:
             raise AibaError(f"eval: no instrument word for class(es) {missing}; have {sorted(words)}")
+        for t in self.templates:  # every template filled once up front, with every class's word
+            for c in self.classes:
+                fill_template(t, {"instrument": words[c]}, "eval: prompt template")
+        number("eval --fit-fraction", self.fit_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
+        if self.samples_per_class is not None:
+            integer("eval --samples-per-class", self.samples_per_class, lo=1)
+        if self.steps is not None:
+            integer("eval --steps", self.steps, lo=1, hi=100_000)
+        if self.guidance_scale is not None:
+            number("eval --guidance-scale", self.guidance_scale)
+        if self.seconds is not None:
+            number("eval --seconds", self.seconds, lo=0, lo_open=True, hi=3600)
+        integer("eval --seed", self.seed, lo=0)
+        number("eval --gamma", self.gamma, lo=0, lo_open=True, hi=1)
+        number("eval --threshold", self.threshold, lo=0, hi=1)
+        integer("eval --n-boot", self.n_boot, lo=1)
+        integer("eval --step-maps", self.step_maps, lo=1)
+        integer("eval --template-stems", self.template_stems, lo=1)
+        integer("eval --render-tracks", self.render_tracks, lo=1)
+        number("eval --render-seconds", self.render_seconds, lo=0.5, hi=600)
+        if self.normalize not in ("max", "minmax", "none"):
+            bad("normalize", self.normalize, ("max", "minmax", "none"))
 
     def resolved(self) -> "EvalConfig":
         """Fill the backend-dependent defaults (steps, samples per class)."""
@@ -187,16 +226,46 @@ def load_prompts(path) -> tuple[tuple, tuple]:
 
     p = Path(path)
     if not p.is_file():
-        raise AibaError(f"prompts file not found: {p}")
-    data = yaml.safe_load(p.read_text())
+        raise AibaError(f"--prompts {p}: {'a folder, not a file' if p.is_dir() else 'file not found'}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+        if "\x00" in text:
+            raise UnicodeDecodeError("utf-8", b"\x00", 0, 1, "NUL byte")
+    except UnicodeDecodeError:
+        raise AibaError(f"--prompts {p}: not a UTF-8 text file (YAML expected)") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise AibaError(f"--prompts {p}: malformed YAML{at} ({problem})") from None
     words = dict(INSTRUMENT_WORDS)
     if isinstance(data, dict):
+        unknown = sorted(str(k) for k in data if k not in ("templates", "instruments"))
+        if unknown:
+            raise AibaError(f"--prompts {p}: unknown key(s) {unknown}; expected 'templates:' and 'instruments:'")
         templates = data.get("templates")
-        words.update({canonical_class(k): str(v) for k, v in (data.get("instruments") or {}).items()})
+        inst = data.get("instruments") or {}
+        if not isinstance(inst, dict):
+            raise AibaError(f"--prompts {p}: 'instruments:' must map class to word (e.g. 'bass: electric bass'), "
+                            f"got a {type(inst).__name__}: {inst!r}")
+        for k, v in inst.items():
+            if not isinstance(v, str) or not v.strip():
+                raise AibaError(f"--prompts {p}: instrument word of {k!r} must be non-empty text, got {v!r}")
+            words[canonical_class(str(k))] = v
     else:
         templates = data
     if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
-        raise AibaError(f"{p}: expected a list of prompt templates (or a mapping with 'templates:'), got {data!r}")
+        shown = repr(data)
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        raise AibaError(f"--prompts {p}: expected a list of prompt templates (or a mapping with 'templates:'), "
+                        f"got {shown}")
+    for t in templates:
+        if "{instrument}" not in t:
+            raise AibaError(f"--prompts {p}: template {t!r} has no '{{instrument}}'")
+        for w in words.values():
+            fill_template(t, {"instrument": w}, f"--prompts {p}: template")
     return tuple(templates), tuple(words.items())
 
 
@@ -216,7 +285,7 @@ def plan(cfg: EvalConfig) -> list[Sample]:
     for cls in cfg.classes:
         for k in range(n):
             t = cfg.templates[k % len(cfg.templates)]
-            out.append(Sample(len(out), f"{cls.lower()}-{k:04d}", cls, k, t, t.format(instrument=words[cls]),
+            out.append(Sample(len(out), f"{cls.lower()}-{k:04d}", cls, k, t, fill_template(t, {"instrument": words[cls]}),
                               cfg.seed + k, "fit" if k in fit else "test"))
     return out
 
@@ -298,20 +367,59 @@ def _manifest(cfg: EvalConfig, n_samples: int, world: int) -> dict:
             "identity": cfg.identity()}
 
 
-def _check_manifest(run: Path, cfg: EvalConfig, n_samples: int, world: int) -> None:
+def _has_results(run: Path) -> bool:
+    """Whether a run directory holds any record (a non-empty record file or a saved map)."""
+    if any(f.stat().st_size > 0 for f in _record_files(run)):
+        return True
+    return (run / "maps").is_dir() and any((run / "maps").glob("*.npz"))
+
+
+def _check_manifest(run: Path, cfg: EvalConfig, n_samples: int, world: int, *, write: bool = True) -> None:
+    """Compare the run's manifest with ``cfg`` (refusing other settings), and write it
+    (``write``) when absent. A manifest with other settings whose run produced no record
+    (it failed before its first sample) is replaced."""
     path = run / "manifest.json"
     if path.is_file():
         try:
             old = json.loads(path.read_text())["identity"]
-        except (ValueError, KeyError) as e:
+            if not isinstance(old, dict):
+                raise ValueError(f"identity is {type(old).__name__}")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise AibaError(f"{path}: unreadable manifest ({e}); move it away to start over") from None
         new = cfg.identity()
         diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
-        if diff:
+        if not diff:
+            return
+        if _has_results(run):
             raise AibaError(f"{run} was written with other settings {diff} (manifest, now): "
                             "rerun with the same settings or use another --out")
+        if not write:
+            return
+        print(f"aiba eval: {run}: its manifest came from a run with other settings that wrote no record; "
+              "replaced (with the assets built for those settings)", file=sys.stderr)
+        import shutil
+
+        for asset in ("data_templates.npz", "mini_slakh"):  # built for the old settings
+            p = run / asset
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    elif not write:
         return
     atomic_write(path, json.dumps(_manifest(cfg, n_samples, world), indent=2))
+
+
+def _prepare_dir(run: Path) -> None:
+    """Create the run directory (and maps/) or say why it cannot be one."""
+    for d in (run, run / "maps"):
+        if d.exists() and not d.is_dir():
+            raise AibaError(f"--out {run}: {d} is a file, not a folder; move it away or choose another --out",
+                            kind="io")
+    (run / "maps").mkdir(parents=True, exist_ok=True)
+    if not os.access(run, os.W_OK):
+        raise AibaError(f"--out {run}: the folder is not writable; check its permissions or choose another --out",
+                        kind="io")
 
 
 def _read_lines(path: Path):
@@ -620,12 +728,23 @@ def run_eval(cfg: EvalConfig, *, rank: int | None = None, world: int | None = No
     cfg = cfg.resolved()
     if rank is None or world is None:
         rank, world = dist_info()
+    samples = plan(cfg)  # every prompt filled: nothing is written before the settings hold
     run = Path(cfg.out)
-    (run / "maps").mkdir(parents=True, exist_ok=True)
-    samples = plan(cfg)
+    if cfg.dataset is not None and not Path(cfg.dataset).is_dir():
+        raise AibaError(f"--dataset {cfg.dataset}: no such folder (a Slakh-layout root is expected)")
     if rank == 0:
-        _check_manifest(run, cfg, len(samples), world)
-    else:
+        _check_manifest(run, cfg, len(samples), world, write=False)  # refuse other settings before writing
+    _prepare_dir(run)
+    lock = RunLock(run, what=f"aiba eval{f' rank {rank}/{world}' if world > 1 else ''}",
+                   name=LOCK_NAME if world == 1 else f"{LOCK_NAME}.rank{rank}-of-{world}")
+    with lock:
+        remove_stale_temps(run)
+        remove_stale_temps(run / "maps")
+        return _run_locked(cfg, run, samples, rank, world, backend, on_record)
+
+
+def _run_locked(cfg, run: Path, samples, rank: int, world: int, backend, on_record) -> Path:
+    if rank != 0:
         _wait_for(run / "manifest.json", "the manifest")
         _check_manifest(run, cfg, len(samples), world)
     mine = [s for s in samples if s.index % world == rank]
@@ -646,15 +765,19 @@ def run_eval(cfg: EvalConfig, *, rank: int | None = None, world: int | None = No
         except AibaError:
             pass
     todo = [s for s in mine if s.id not in done]
+    ctx = None
+    if todo:  # the model is loaded (and its streams checked) before the manifest is written
+        ctx = _Ctx(backend or _get_backend(cfg, rank), cfg, run)
+        ctx.streams = _scored_streams(ctx.backend, cfg, todo[0].prompt)
+    if rank == 0:
+        _check_manifest(run, cfg, len(samples), world)
     templates = None
     if cfg.gt == "data" and (todo or rank == 0):  # rank 0 builds the shared assets even with no samples
         templates = _data_templates(cfg, run, rank)
     if todo:
         from tqdm import tqdm
 
-        ctx = _Ctx(backend or _get_backend(cfg, rank), cfg, run)
         ctx.templates = templates
-        ctx.streams = _scored_streams(ctx.backend, cfg, todo[0].prompt)
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"eval{f' rank {rank}' if world > 1 else ''}",
                    unit="sample", disable=not cfg.progress, dynamic_ncols=True)
         try:
@@ -665,12 +788,8 @@ def run_eval(cfg: EvalConfig, *, rank: int | None = None, world: int | None = No
                 bar.update(1)
                 if on_record is not None:
                     on_record(rec)
-        except KeyboardInterrupt:
+        finally:
             bar.close()
-            print(f"\naiba eval: interrupted; every written record is kept in {out_file}; rerun the same "
-                  "command to resume", file=sys.stderr)
-            raise
-        bar.close()
     if world == 1:
         report(run, n_boot=cfg.n_boot, figures=cfg.figures)
     else:
@@ -686,7 +805,7 @@ def merge(run_dir) -> Path:
     mpath = run / "manifest.json"
     if not mpath.is_file():
         raise AibaError(f"{run}: no manifest.json (not an aiba eval run directory)")
-    manifest = json.loads(mpath.read_text())
+    manifest = read_manifest(run)
     recs, problems = load_records(run)
     for p in problems:
         print(f"aiba eval --merge: {p}", file=sys.stderr)
@@ -702,14 +821,36 @@ def merge(run_dir) -> Path:
     return run
 
 
+def read_manifest(run) -> dict:
+    """The manifest of an ``aiba eval`` run directory, or an error saying what is wrong with it."""
+    path = Path(run) / "manifest.json"
+    if not Path(run).is_dir():
+        raise AibaError(f"{run}: no such run directory")
+    if not path.is_file():
+        raise AibaError(f"{run}: no manifest.json (not an aiba eval run directory)")
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AibaError(f"{path}: corrupt manifest ({type(e).__name__}: {e}); restore it or rerun aiba eval "
+                        "with the run's settings into a fresh --out") from None
+    if not isinstance(manifest, dict) or manifest.get("tool") != "aiba eval" or not isinstance(
+            manifest.get("config"), dict):
+        raise AibaError(f"{path}: not a manifest written by aiba eval (no 'tool: aiba eval' and 'config')")
+    return manifest
+
+
 def _config_from_manifest(manifest: dict) -> EvalConfig:
-    d = dict(manifest["config"])
-    for k in ("classes", "templates", "grid"):
-        d[k] = tuple(d[k])
-    d["instruments"] = tuple(tuple(p) for p in d["instruments"])
-    if d.get("streams") is not None:
-        d["streams"] = tuple(d["streams"])
-    return EvalConfig(**d)
+    try:
+        d = dict(manifest["config"])
+        for k in ("classes", "templates", "grid"):
+            d[k] = tuple(d[k])
+        d["instruments"] = tuple(tuple(p) for p in d["instruments"])
+        if d.get("streams") is not None:
+            d["streams"] = tuple(d["streams"])
+        return EvalConfig(**d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise AibaError(f"manifest.json: config unusable ({type(e).__name__}: {e}); "
+                        "was it written by another aiba version?") from None
 
 
 def report(run_dir, *, n_boot: int | None = None, figures: bool | None = None) -> dict:
@@ -737,7 +878,11 @@ def _cmd(args: argparse.Namespace) -> int:
         run = args.out if args.merge is True else args.merge
         if run is None:
             raise AibaError("--merge needs the run directory (aiba eval --merge runs/NAME)")
-        merge(run)
+        if not Path(run).is_dir():
+            raise AibaError(f"--merge {run}: no such run directory")
+        with RunLock(run, what="aiba eval --merge"), contextlib.redirect_stdout(sys.stderr):
+            remove_stale_temps(run)
+            merge(run)
         print(f"merged {run}: tables and figures written")
         return 0
     templates, instruments = (load_prompts(args.prompts) if args.prompts else
@@ -762,7 +907,8 @@ def _cmd(args: argparse.Namespace) -> int:
         if not 0 <= i < n:
             raise AibaError(f"--shard {args.shard}: need 0 <= i < n")
         rank, world = i, n
-    run = run_eval(cfg, rank=rank, world=world)
+    with contextlib.redirect_stdout(sys.stderr):  # what libraries print stays off stdout
+        run = run_eval(cfg, rank=rank, world=world)
     if (world or dist_info()[1]) == 1:
         print(f"{run}: tables in table1.md / table3.md, figures in figures/")
         print((run / "table1.md").read_text())

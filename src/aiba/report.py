@@ -18,6 +18,7 @@ import argparse
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,16 +85,14 @@ def _table_csv(table) -> str:
 def build_report(run_dir, *, n_boot: int | None = None, figures: bool | None = None) -> dict:
     """Write the tables (and figures) of a run; returns ``tables.json``'s content."""
     from .atomic import atomic_write
-    from .evaluate import _config_from_manifest, load_records
-    from .tables import build_table1, build_table3
+    from .evaluate import _config_from_manifest, load_records, read_manifest
+    from .settings import integer
+    from .tables import NULLS, build_table1, build_table3
 
     run = Path(run_dir)
-    mpath = run / "manifest.json"
-    if not mpath.is_file():
-        raise AibaError(f"{run}: no manifest.json (not an aiba eval run directory)")
-    manifest = json.loads(mpath.read_text())
+    manifest = read_manifest(run)
     cfg = _config_from_manifest(manifest)
-    n_boot = cfg.n_boot if n_boot is None else int(n_boot)
+    n_boot = cfg.n_boot if n_boot is None else integer("n_boot", n_boot, lo=1)
     figures = cfg.figures if figures is None else figures
     recs, problems = load_records(run)
     if not recs:
@@ -119,10 +118,17 @@ def build_report(run_dir, *, n_boot: int | None = None, figures: bool | None = N
         atomic_write(run / "learned_weights.json", json.dumps(lw, indent=2))
         info["learned_weights"] = lw
     classes = [c for c in cfg.classes if c in set(labels[test])]
+    nulls = NULLS
+    if len(classes) < 2:  # the shuffled baseline pairs maps across classes
+        nulls = tuple(n for n in NULLS if n != "shuffled")
+        note = (f"shuffled null baseline skipped: it needs samples of at least two classes, "
+                f"have {classes}")
+        info["notes"] = [note]
+        print(f"aiba report: {note}", file=sys.stderr)
     t1 = build_table1(maps[test], gts[test], labels[test], cfg.threshold, cfg.normalize, n_boot=n_boot,
-                      seed=cfg.seed, extras=True)
+                      seed=cfg.seed, extras=True, nulls=nulls)
     t3 = build_table3(maps[test], gts[test], labels[test], cfg.threshold, cfg.normalize, classes=classes,
-                      n_boot=n_boot, seed=cfg.seed)
+                      n_boot=n_boot, seed=cfg.seed, nulls=nulls)
     setting = (f"backend {cfg.backend}{' (tiny)' if cfg.tiny else ''}, gt={cfg.gt}, pool={cfg.pool}, "
                f"aggregate={cfg.aggregate}, weights={cfg.weights}, kinds={cfg.kinds}, steps={cfg.steps}, "
                f"{int(test.sum())} scored samples")
@@ -141,7 +147,19 @@ def build_report(run_dir, *, n_boot: int | None = None, figures: bool | None = N
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    info = build_report(args.run, n_boot=args.n_boot, figures=not args.no_figures)
+    import contextlib
+
+    from .atomic import remove_stale_temps
+    from .evaluate import read_manifest
+    from .runlock import RunLock
+    from .settings import integer
+
+    if args.n_boot is not None:
+        integer("--n-boot", args.n_boot, lo=1)
+    read_manifest(args.run)  # a foreign or corrupt manifest is refused before anything is written
+    with RunLock(args.run, what="aiba report"), contextlib.redirect_stdout(sys.stderr):
+        remove_stale_temps(args.run)
+        info = build_report(args.run, n_boot=args.n_boot, figures=not args.no_figures)
     run = Path(args.run)
     print((run / "table1.md").read_text())
     print((run / "table3.md").read_text())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,6 +102,158 @@ def _as_patterns(x) -> tuple[str, ...] | None:
     if x is None:
         return None
     return (x,) if isinstance(x, str) else tuple(x)
+
+
+def _int_at_least(name: str, lo: int):
+    def check(v):
+        try:
+            if isinstance(v, bool) or int(v) != v:
+                raise ValueError
+            v = int(v)
+        except (TypeError, ValueError, OverflowError):
+            raise AibaError(f"{name} must be an integer, got {v!r}") from None
+        if v < lo:
+            raise AibaError(f"{name} must be >= {lo}, got {v}")
+        return v
+    return check
+
+
+def _real(name: str, lo: float, hi: float | None, lo_open: bool, expected: str):
+    def check(v):
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            f = float(v)
+        except (TypeError, ValueError):
+            raise AibaError(f"{name} must be {expected}, got {v!r}") from None
+        if not math.isfinite(f) or f < lo or (lo_open and f == lo) or (hi is not None and f > hi):
+            raise AibaError(f"{name} must be {expected}, got {v!r}")
+        return f
+    return check
+
+
+def _one_of(name: str, allowed: tuple, what: str | None = None):
+    def check(v):
+        if isinstance(v, (list, dict, set)) or v not in allowed:
+            raise AibaError(f"{name} must be {what or f'one of {allowed}'}, got {v!r}")
+        return v
+    return check
+
+
+def _subset(name: str, allowed: tuple):
+    def check(v):
+        vals = (v,) if isinstance(v, str) else tuple(v)
+        out = frozenset(vals)
+        if not out <= set(allowed):
+            raise AibaError(f"{name} must be a subset of {allowed}, got {sorted(map(str, out))}")
+        return out
+    return check
+
+
+def _patterns(v):
+    if v is None:
+        return None
+    out = _as_patterns(v)
+    if not all(isinstance(p, str) for p in out):
+        raise AibaError(f"layers must be fnmatch patterns (str), got {v!r}")
+    return out
+
+
+def _steps(v):
+    if v is None:
+        return None
+    try:
+        start, stop = (int(x) for x in v)
+    except (TypeError, ValueError):
+        raise AibaError(f"steps must be None or (start, stop), got {v!r}") from None
+    if start < 0 or start >= stop:
+        raise AibaError(f"steps must be (start, stop) with 0 <= start < stop (stop exclusive), got {tuple(v)}")
+    return (start, stop)
+
+
+def _kind_rules(v):
+    if v is None or callable(v):
+        return v
+    if not isinstance(v, Mapping):
+        raise AibaError(f"kind_rules must be a mapping pattern -> kind or a callable, got {type(v).__name__}")
+    bad = {p: k for p, k in v.items() if not isinstance(p, str) or k not in KINDS}
+    if bad:
+        raise AibaError(f"kind_rules must map fnmatch patterns (str) to one of {KINDS}, got {bad}")
+    return dict(v)
+
+
+def _keep(v):
+    keep_t = () if v is None else _as_patterns(v)
+    if not set(keep_t) <= set(KEEP):
+        raise AibaError(f"keep must be None or among {KEEP}, got {v!r}")
+    return frozenset(keep_t)
+
+
+def _latent_shape(v):
+    if v is None:
+        return None
+    try:
+        value = tuple(int(x) for x in v)
+    except (TypeError, ValueError):
+        raise AibaError(f"latent_shape must be (T, F) or (T,) with positive sizes, got {v!r}") from None
+    if len(value) not in (1, 2) or min(value) < 1:
+        raise AibaError(f"latent_shape must be (T, F) or (T,) with positive sizes, got {value}")
+    return value
+
+
+def _lattices(v):
+    try:
+        out = tuple(tuple(int(x) for x in lat) for lat in v)
+    except (TypeError, ValueError):
+        raise AibaError(f"lattices must be (T', F') pairs, got {v!r}") from None
+    if any(len(lat) != 2 or min(lat) < 1 for lat in out):
+        raise AibaError(f"lattices must be (T', F') pairs of positive sizes, got {out}")
+    return out
+
+
+def _weights(v):
+    if isinstance(v, str):
+        if v not in ("uniform", "late"):
+            raise AibaError(f"weights must be 'uniform', 'late' or a mapping layer -> weight, got {v!r}")
+        return v
+    if not isinstance(v, Mapping):
+        raise AibaError(f"weights must be 'uniform', 'late' or a mapping layer -> weight, got {v!r}")
+    def ok(w):
+        try:
+            return math.isfinite(float(w)) and float(w) >= 0
+        except (TypeError, ValueError):
+            return False
+    bad = {k: w for k, w in v.items() if not ok(w)}
+    if bad:
+        raise AibaError(f"weights: layer weights must be finite and >= 0, got {bad}")
+    return v
+
+
+# one validated definition of every tap setting: name -> check returning the stored value
+_SETTINGS: dict[str, Callable] = {
+    "target_T": _int_at_least("target_T", 1),
+    "target_F": _int_at_least("target_F", 1),
+    "pool": _one_of("pool", mapping.POOLS),
+    "cross_ratio": _real("cross_ratio", 0.0, 1.0, False, "a number in [0, 1]"),
+    "kinds": _subset("kinds", KINDS),
+    "kind_rules": _kind_rules,
+    "records": _one_of("records", RECORDS),
+    "layers": _patterns,
+    "steps": _steps,
+    "kernels": _subset("kernels", KERNELS),
+    "keep": _keep,
+    "budget_bytes": _int_at_least("budget_bytes", 1),
+    "latent_shape": _latent_shape,
+    "prefix_tokens": _int_at_least("prefix_tokens", 0),
+    "lattices": _lattices,
+    "tau": _real("tau", 0.0, None, True, "a finite number > 0 (softmax temperature)"),
+    "aggregate": _one_of("aggregate", ("mean", "max"), "'mean' or 'max'"),
+    "weights": _weights,
+    "gamma": _real("gamma", 0.0, 1.0, True, "a number in (0, 1]"),
+    "batch": _one_of("batch", ("cond", "uncond", "all"), "'cond', 'uncond' or 'all'"),
+    "cfg": _one_of("cfg", (None, "uncond_first", "cond_first"), "None, 'uncond_first' or 'cond_first'"),
+    "padding": _one_of("padding", mapping.PADDINGS),
+}
 
 
 class AttnTap:
@@ -201,72 +354,37 @@ class AttnTap:
     ) -> None:
         self._wcache: dict = {}  # pooling weights, per layer (cleared when pooling settings change)
         self._lcache: dict = {}  # (layer, tokens) -> (latent_shape, lattices, lattice)
-        if int(target_T) < 1 or int(target_F) < 1:
-            raise AibaError(f"target_T and target_F must be >= 1, got {target_T} x {target_F}")
-        self.target_T, self.target_F = int(target_T), int(target_F)
-        if pool not in mapping.POOLS:
-            raise AibaError(f"pool must be one of {mapping.POOLS}, got {pool!r}")
+        # every setting goes through __setattr__, which validates it (see _SETTINGS)
+        self.target_T, self.target_F = target_T, target_F
         self.pool = pool
-        if not 0.0 <= float(cross_ratio) <= 1.0:
-            raise AibaError(f"cross_ratio must be in [0, 1], got {cross_ratio}")
-        self.cross_ratio = float(cross_ratio)
-        self.kinds = frozenset(kinds)
-        if not self.kinds <= set(KINDS):
-            raise AibaError(f"kinds must be a subset of {KINDS}, got {sorted(self.kinds)}")
-        if kind_rules is not None and not callable(kind_rules):
-            if not isinstance(kind_rules, Mapping):
-                raise AibaError(f"kind_rules must be a mapping pattern -> kind or a callable, got {type(kind_rules).__name__}")
-            bad = {p: k for p, k in kind_rules.items() if not isinstance(p, str) or k not in KINDS}
-            if bad:
-                raise AibaError(f"kind_rules must map fnmatch patterns (str) to one of {KINDS}, got {bad}")
-            kind_rules = dict(kind_rules)
+        self.cross_ratio = cross_ratio
+        self.kinds = kinds
         self.kind_rules = kind_rules
-        if records not in RECORDS:
-            raise AibaError(f"records must be one of {RECORDS}, got {records!r}")
         self.records = records
-        self.layers = _as_patterns(layers)
-        self.steps = None if steps is None else (int(steps[0]), int(steps[1]))
-        self.kernels = frozenset(kernels)
-        if not self.kernels <= set(KERNELS):
-            raise AibaError(f"kernels must be a subset of {KERNELS}, got {sorted(self.kernels)}")
-        keep_t = () if keep is None else _as_patterns(keep)
-        if not set(keep_t) <= set(KEEP):
-            raise AibaError(f"keep must be None or among {KEEP}, got {keep!r}")
-        self.keep = frozenset(keep_t)
-        if int(budget_bytes) < 1:
-            raise AibaError(f"budget_bytes must be positive, got {budget_bytes}")
-        self.budget_bytes = int(budget_bytes)
+        self.layers = layers
+        self.steps = steps
+        self.kernels = kernels
+        self.keep = keep
+        self.budget_bytes = budget_bytes
         self.latent_shape = latent_shape
-        self.prefix_tokens = int(prefix_tokens)
-        self.lattices = tuple(tuple(int(v) for v in lat) for lat in lattices)
-        self.content, self.tokens, self.relevance, self.tau = content, tokens, relevance, float(tau)
-        if aggregate not in ("mean", "max"):
-            raise AibaError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
+        self.prefix_tokens = prefix_tokens
+        self.lattices = lattices
+        self.content, self.tokens, self.relevance, self.tau = content, tokens, relevance, tau
         self.aggregate = aggregate
-        if isinstance(weights, str) and weights not in ("uniform", "late"):
-            raise AibaError(f"weights must be 'uniform', 'late' or a mapping layer -> weight, got {weights!r}")
         self.weights = weights
-        if not 0.0 < float(gamma) <= 1.0:
-            raise AibaError(f"gamma must be in (0, 1], got {gamma}")
-        self.gamma = float(gamma)
-        if batch not in ("cond", "uncond", "all"):
-            raise AibaError(f"batch must be 'cond', 'uncond' or 'all', got {batch!r}")
+        self.gamma = gamma
         self.batch = batch
-        if cfg not in (None, "uncond_first", "cond_first"):
-            raise AibaError(f"cfg must be None, 'uncond_first' or 'cond_first', got {cfg!r}")
         self.cfg = cfg
-        if padding not in mapping.PADDINGS:
-            raise AibaError(f"padding must be one of {mapping.PADDINGS}, got {padding!r}")
         self.padding = padding
         self.model_paths: dict[int, str] = {}
         self.reset()
 
+    # settings are validated on every assignment (constructor, configure(), attribute);
     # settings that change pooling weights invalidate the cache
     def __setattr__(self, key, value):
-        if key == "latent_shape" and value is not None:
-            value = tuple(int(v) for v in value)
-            if len(value) not in (1, 2) or min(value) < 1:
-                raise AibaError(f"latent_shape must be (T, F) or (T,) with positive sizes, got {value}")
+        check = _SETTINGS.get(key)
+        if check is not None:
+            value = check(value)
         object.__setattr__(self, key, value)
         if key in AttnTap._CACHE_FIELDS and "_wcache" in self.__dict__:
             self._wcache.clear()

@@ -25,6 +25,7 @@ synthesis (and noise drums) with a loud warning, recorded as ``plugin_name``.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import sys
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, pid_alive
 from ..errors import AibaError, AibaWarning
 from .slakh import inst_class_for_program
 
@@ -58,12 +59,12 @@ class RenderConfig:
     synth: str = "auto"  # "auto" (FluidSynth, else sine with a warning), "fluidsynth", "sine"
 
     def __post_init__(self):
-        if self.tracks < 1:
-            raise AibaError(f"tracks must be >= 1, got {self.tracks}")
-        if not (0.5 <= self.seconds <= 600):
-            raise AibaError(f"seconds must be in [0.5, 600], got {self.seconds}")
-        if self.sr < 8000:
-            raise AibaError(f"sr must be >= 8000 Hz, got {self.sr}")
+        from ..settings import integer, number
+
+        integer("make-dataset --tracks", self.tracks, lo=1, hi=100_000)
+        number("make-dataset --seconds", self.seconds, lo=0.5, hi=600)
+        integer("make-dataset --seed", self.seed, lo=0)
+        integer("make-dataset --sr", self.sr, lo=8000, hi=192_000)
         if self.synth not in ("auto", "fluidsynth", "sine"):
             raise AibaError(f"synth must be 'auto', 'fluidsynth' or 'sine', got {self.synth!r}")
 
@@ -103,6 +104,53 @@ def fluidsynth_available() -> bool:
     except Exception:  # ImportError, or OSError when libfluidsynth is missing
         return False
     return True
+
+
+def check_soundfont(path) -> None:
+    """Raise AibaError unless FluidSynth loads ``path`` as a soundfont (SF2: a RIFF 'sfbk' file)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(12)
+    except OSError as e:
+        raise AibaError(f"soundfont {p}: cannot read it ({e.strerror})") from None
+    if not (head[:4] == b"RIFF" and head[8:12] == b"sfbk"):
+        raise AibaError(f"soundfont {p}: not a SoundFont 2 file (no RIFF 'sfbk' header); give a General MIDI .sf2")
+    import fluidsynth
+
+    synth = fluidsynth.Synth()
+    try:
+        if synth.sfload(str(p)) == -1:
+            raise AibaError(f"soundfont {p}: FluidSynth cannot load it; give a valid General MIDI .sf2")
+    finally:
+        synth.delete()
+
+
+def check_stem_audio(y: np.ndarray, sr: int, what: str) -> None:
+    """Refuse a render that is not audio: silence, a few clicks, or a constant offset.
+
+    Rendered parts play notes for much of the clip: at least 10% of its 50 ms frames must
+    lie within 50 dB of its loudest frame, and its samples must take many distinct
+    magnitudes (a FluidSynth without a usable soundfont gives a few levels of clicks).
+    """
+    y = np.asarray(y, dtype=np.float64).ravel()
+    peak = float(np.max(np.abs(y))) if y.size else 0.0
+    if not np.isfinite(peak):
+        raise AibaError(f"{what}: the render holds NaN or inf samples; check the soundfont")
+    if peak < 1e-5:
+        raise AibaError(f"{what}: rendered silence (peak {peak:.1e}); check the soundfont and the synthesizer")
+    hop = max(1, int(0.05 * sr))
+    n = y.size // hop
+    frames = y[: n * hop].reshape(n, hop) if n else y[None]
+    rms = np.sqrt(np.mean(frames ** 2, axis=1))  # (frames,)
+    active = float(np.mean(rms > rms.max() * 10 ** (-50 / 20)))
+    levels = np.unique(np.round(np.abs(y[y != 0]) / peak, 6)).size  # distinct magnitudes
+    if levels < 32:
+        raise AibaError(f"{what}: the render is not audio (its samples take only {levels} distinct levels: "
+                        "clicks or noise); check the soundfont is a General MIDI .sf2")
+    if active < 0.1:
+        raise AibaError(f"{what}: the render is not audio of notes (only {active:.0%} of its 50 ms frames within "
+                        "50 dB of the loudest); check the soundfont is a General MIDI .sf2")
 
 
 def _voice(pcs, low, high):
@@ -224,9 +272,8 @@ def render_track(index: int, cfg: RenderConfig, dest: Path, synth: str) -> None:
     stems, meta_stems = [], {}
     for k, inst in enumerate(pm.instruments):
         y = _fit(_render_inst(inst, cfg.sr, soundfont, synth), n)
+        check_stem_audio(y, cfg.sr, f"Track{index:05d}/S{k + 1:02d} ({inst.name}, {synth})")
         rms = float(np.sqrt(np.mean(y ** 2)))
-        if rms == 0:
-            raise AibaError(f"Track{index:05d}/S{k + 1:02d} ({inst.name}): rendered silence")
         level_db = float(rng.uniform(-24.0, -18.0))  # per-stem mix level (RMS dBFS)
         stems.append(y * 10 ** (level_db / 20) / rms)
     mix = np.sum(stems, axis=0)
@@ -292,6 +339,7 @@ def _resolve_synth(cfg: RenderConfig) -> str:
         return "sine"
     sf2 = Path(cfg.soundfont) if cfg.soundfont else default_soundfont()
     if fluidsynth_available() and sf2.is_file():
+        check_soundfont(sf2)
         return "fluidsynth"
     why = "pyfluidsynth/libfluidsynth not loadable" if not fluidsynth_available() else f"soundfont {sf2} not found"
     if cfg.synth == "fluidsynth":
@@ -321,6 +369,10 @@ def make_dataset(out, cfg: RenderConfig, progress: bool = True) -> list[Path]:
             raise AibaError(f"{out} was written with other settings {diff} (old, new): use another folder")
     else:
         atomic_write(cfg_file, lambda p: p.write_text(yaml.safe_dump(record, sort_keys=True)))
+    for partial in out.glob("*/.Track*.partial-*"):  # folders of a writer that died mid-track
+        pid = partial.name.rsplit("-", 1)[-1]
+        if partial.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
     paths = []
     with tqdm(total=cfg.tracks, desc="make-dataset", unit="track", disable=not progress) as bar:
         for i in range(1, cfg.tracks + 1):
@@ -338,6 +390,13 @@ def make_dataset(out, cfg: RenderConfig, progress: bool = True) -> list[Path]:
             try:
                 render_track(i, cfg, tmp, synth)
                 os.replace(tmp, dest)
+            except RuntimeError as e:  # libsndfile's write errors ("System error.") carry no errno
+                if type(e).__name__ != "LibsndfileError":
+                    raise
+                free = shutil.disk_usage(out).free
+                code = errno.ENOSPC if free < (64 << 20) else errno.EIO
+                raise OSError(code, f"{os.strerror(code)} while writing audio (libsndfile: {e}; {free >> 20} MiB "
+                              "free)", str(tmp)) from e
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp)
@@ -346,6 +405,9 @@ def make_dataset(out, cfg: RenderConfig, progress: bool = True) -> list[Path]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise AibaError(f"make-dataset {out}: is a file, not a folder; choose another output folder", kind="io")
     cfg = RenderConfig(tracks=args.tracks, seconds=args.seconds, seed=args.seed, sr=args.sr,
                        soundfont=args.soundfont, synth=args.synth)
     paths = make_dataset(args.out, cfg, progress=not args.quiet)

@@ -168,8 +168,11 @@ def read_track(track_dir, split: str | None = None, class_map: dict | None = Non
         meta = yaml.safe_load(meta_path.read_text())
     except Exception as e:
         raise AibaError(f"{name}: cannot parse {meta_path}: {e}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("stems"), dict):
-        raise AibaError(f"{name}: metadata.yaml has no 'stems' mapping (keys: {list(meta or {})})")
+    if not isinstance(meta, dict):
+        raise AibaError(f"{name}: {meta_path} must be a mapping with 'stems:', got a {type(meta).__name__} "
+                        f"({str(meta)[:60]!r})")
+    if not isinstance(meta.get("stems"), dict):
+        raise AibaError(f"{name}: metadata.yaml has no 'stems' mapping (keys: {list(meta)})")
     cmap = SLAKH_TO_PAPER if class_map is None else class_map
     audio_dir = track_dir / str(meta.get("audio_dir") or "stems")
     midi_dir = track_dir / str(meta.get("midi_dir") or "MIDI")
