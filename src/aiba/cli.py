@@ -22,6 +22,7 @@ COMMANDS = [
     "aiba.report",
     "aiba.bench",
     "aiba.diagnose",
+    "aiba.train_reference",
 ]
 
 
