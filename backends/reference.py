@@ -335,16 +335,22 @@ def feature_to_mel(feature):
 
 
 def feature_to_audio(feature, n_iter: int = 32):
-    """Griffin-Lim audio of one ``(frames, n_mels)`` feature on aiba's mel settings."""
+    """Griffin-Lim audio of one ``(frames, n_mels)`` feature on aiba's mel settings.
+
+    The mel power is mapped back to a linear-frequency magnitude with the pseudo-inverse of
+    librosa's mel filter bank (clipped at 0; faster than librosa's NNLS inversion), then
+    ``librosa.griffinlim`` recovers a phase.
+    """
     import librosa
     import numpy as np
 
     from aiba.audio import AUDIOLDM2_MEL as c
 
-    S = feature_to_mel(feature).T  # (n_mels, frames)
-    y = librosa.feature.inverse.mel_to_audio(S, sr=c.sr, n_fft=c.n_fft, hop_length=c.hop_length,
-                                             win_length=c.win_length, fmin=c.fmin, fmax=c.fmax, htk=c.htk,
-                                             power=c.power, n_iter=n_iter)
+    S = feature_to_mel(feature).T  # (n_mels, frames) power
+    basis = librosa.filters.mel(sr=c.sr, n_fft=c.n_fft, n_mels=c.n_mels, fmin=c.fmin, fmax=c.fmax, htk=c.htk)
+    lin = np.clip(np.linalg.pinv(basis) @ S, 0, None) ** (1.0 / c.power)  # (1 + n_fft/2, frames) magnitude
+    y = librosa.griffinlim(lin, n_iter=n_iter, hop_length=c.hop_length, win_length=c.win_length, n_fft=c.n_fft,
+                           random_state=0)
     return np.asarray(y, dtype=np.float32)
 
 
@@ -404,8 +410,9 @@ class ReferenceBackend(Backend):
     default_steps = 25
     default_guidance = 3.0
 
-    def __init__(self, model: ReferenceModel, frames: int | None = None):
+    def __init__(self, model: ReferenceModel, frames: int | None = None, audio: bool = True):
         self.model = model
+        self.audio = audio  # False: generate() returns the mel features (B, frames, 64), decoded=False
         self.denoiser = model.unet
         self.frames = model.cfg.frames if frames is None else int(frames)
 
@@ -454,5 +461,7 @@ class ReferenceBackend(Backend):
         feats = self.model.sample(prompts, steps=steps, guidance_scale=guidance_scale, seed=seed, frames=frames,
                                   callback_on_step_end=cb)
         self.last_features = feats  # (B, frames, n_mels)
+        if not self.audio:
+            return feats, AUDIOLDM2_MEL.sr, False
         audio = np.stack([feature_to_audio(f) for f in feats])
         return audio, AUDIOLDM2_MEL.sr, True

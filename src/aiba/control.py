@@ -194,9 +194,13 @@ def generate_word_maps(backend, prompts, words, *, steps: int = 25, guidance_sca
     from . import AttnTap
 
     T = frames or backend.frames
+    decode, backend.audio = backend.audio, False  # maps only: no vocoder
     tap = AttnTap(target_T=T, target_F=backend.model.cfg.n_mels, pool=None)
-    res = backend.generate(list(prompts), tap=tap, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                           seconds=T / 100)
+    try:
+        res = backend.generate(list(prompts), tap=tap, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                               seconds=T / 100)
+    finally:
+        backend.audio = decode
     per_token = res.maps["words"].overall.numpy()  # (B, Lk, T, F)
     out = []
     for b, (p, ws) in enumerate(zip(prompts, words)):
