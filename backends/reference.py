@@ -234,8 +234,9 @@ class ReferenceModel:
         from aiba.atomic import atomic_write
 
         sd = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        md = {"config": json.dumps(self.cfg.to_json(), sort_keys=True),
-              "meta": json.dumps(meta or {}, sort_keys=True)}
+        # one metadata entry: safetensors writes its metadata map in no fixed order, so
+        # a single key keeps the file (and its sha256) a function of the weights alone
+        md = {"aiba_reference": json.dumps({"config": self.cfg.to_json(), "meta": meta or {}}, sort_keys=True)}
         return atomic_write(path, lambda p: save_file(sd, str(p), metadata=md))
 
     @classmethod
@@ -248,11 +249,12 @@ class ReferenceModel:
             raise AibaError(f"reference weights not found: {path}")
         with safe_open(str(path), "pt") as f:
             md = f.metadata() or {}
-        if "config" not in md:
+        if "aiba_reference" not in md:
             raise AibaError(f"{path}: no reference-model config in the safetensors metadata")
-        m = cls(ReferenceConfig.from_json(json.loads(md["config"])), device=device)
+        info = json.loads(md["aiba_reference"])
+        m = cls(ReferenceConfig.from_json(info["config"]), device=device)
         m.load_state_dict(load_file(str(path), device=str(m.device)))
-        m.meta = json.loads(md.get("meta", "{}"))
+        m.meta = info.get("meta", {})
         return m
 
     # ---------------------------------------------------------------- model

@@ -47,8 +47,8 @@ __all__ = ["ControlSettings", "WordItems", "score_items", "paired_bootstrap", "c
 @dataclass(frozen=True)
 class ControlSettings:
     samples_per_class: int = 8  # single-prompt generations per class
-    pair_samples: int = 2  # generations per unordered class pair (word order alternates)
-    steps: int = 25
+    pair_samples: int = 4  # generations per unordered class pair (word order alternates)
+    steps: int = 10  # DDIM steps (the maps are averaged over them)
     guidance_scale: float = 3.0
     seed: int = 0
     n_boot: int = 1000
@@ -313,8 +313,8 @@ def _figures(run: Path, items_by_model: dict, feats_by_model: dict, bands: dict)
             ax = axes[r, j]
             sel = [i for i, (k, cc) in enumerate(zip(items.kind, items.cls)) if cc == c]
             prof = np.mean([np.asarray(items.maps[i]).mean(0) for i in sel], axis=0)
-            prof = prof / (prof.max() or 1)
-            ax.plot(prof, hz, label="attention to the word", color="C3")
+            prof = (prof - prof.min()) / ((prof.max() - prof.min()) or 1)  # min-max: the shape, not the level
+            ax.plot(prof, hz, label="attention to the word (min-max)", color="C3")
             if c in feats_by_model[model]:
                 e = feats_by_model[model][c].mean(0)
                 e = (e - e.min()) / ((e.max() - e.min()) or 1)
@@ -322,7 +322,7 @@ def _figures(run: Path, items_by_model: dict, feats_by_model: dict, bands: dict)
             band = bands["data"][c]
             ax.fill_betweenx(hz, 0, 1, where=band, color="C2", alpha=0.2, step="mid", label="data band")
             ax.set_yscale("log")
-            ax.set_title(f"{model}: {c.lower()}", fontsize=9)
+            ax.set_title(f"{Path(model).stem if '/' in model else model}: {c.lower()}", fontsize=9)
             if j == 0:
                 ax.set_ylabel("Hz")
     axes[0, 0].legend(fontsize=6, loc="upper right")
@@ -401,7 +401,7 @@ def run_from_args(args) -> int:
     classes = tuple(c for c in CLASSES if c.lower() in {x.strip().lower() for x in args.classes.split(",")})
     if not classes:
         raise AibaError(f"--classes {args.classes!r}: none of {[c.lower() for c in CLASSES]}")
-    s = ControlSettings(samples_per_class=args.samples_per_class or 8, steps=args.steps or 25,
+    s = ControlSettings(samples_per_class=args.samples_per_class or 8, steps=args.steps or 10,
                         guidance_scale=3.0 if args.guidance_scale is None else args.guidance_scale,
                         seed=args.seed, n_boot=args.n_boot)
     weights = () if args.tiny else tuple(w.strip() for w in (args.model_id or "seed0").split(","))
