@@ -402,7 +402,9 @@ class ReferenceBackend(Backend):
     """aiba's adapter for the reference model.
 
     Streams: ``words`` (every ``attn1``/``attn2`` of the down and up blocks: cross-attention
-    to the prompt's word keys) and ``self`` (the mid block's ``attn1``). Latent: the mel
+    to the prompt's word keys) and ``self`` (the mid block's ``attn1``). The mid block's
+    ``attn2`` also attends to the words (4 x 32 lattice) but belongs to no stream: it is
+    recorded and shown by ``aiba diagnose``, not mapped into ``words``. Latent: the mel
     image itself, ``(frames, 64)`` (time, mel), no prefix tokens. CFG doubles the batch as
     ``[uncond, cond]``. Content tokens: the prompt's words (padding excluded).
     """

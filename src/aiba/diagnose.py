@@ -339,7 +339,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("diagnose", help="list a model's attention calls, lattices and map health",
                               description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--backend", choices=["audioldm2", "stable-audio", "stable-audio-diffusers", "generic"])
+    src.add_argument("--backend", choices=["audioldm2", "stable-audio", "stable-audio-diffusers", "generic", "reference"])
     src.add_argument("--model", metavar="PKG.MODULE:FACTORY",
                      help="factory returning (model, run_callable) or (model, example_inputs)")
     p.add_argument("--tiny", action="store_true", help="the offline random-weight model of --backend")
