@@ -251,7 +251,8 @@ def _fmt_num(x) -> str:
 
 def format_report(d: Diagnosis) -> str:
     """The human-readable table."""
-    lines = [f"aiba diagnose: {d.backend} ({d.denoiser}), {d.steps} step(s), prompt {d.prompt!r}",
+    inputs = d.prompt if d.prompt.startswith("the factory's") else f"prompt {d.prompt!r}"
+    lines = [f"aiba diagnose: {d.backend} ({d.denoiser}), {d.steps} step(s), {inputs}",
              f"latent {d.latent_shape if d.latent_shape is not None else 'unknown'} ({d.query_lattice}); "
              f"prefix tokens {d.prefix_tokens}; CFG {d.cfg or 'none'}", ""]
     header = ("module path", "kernel", "kind", "stream", "q_len x k_len", "heads", "calls/step", "lattice")
@@ -308,6 +309,22 @@ def load_factory(spec: str):
     return out
 
 
+def _describe_inputs(run) -> str:
+    """What a ``--model`` factory's second value feeds the model (shapes of example inputs)."""
+    def shape(x):
+        return str(tuple(x.shape)) if hasattr(x, "shape") else type(x).__name__
+
+    if callable(run) and not hasattr(run, "shape"):
+        return f"the factory's run callable {getattr(run, '__name__', type(run).__name__)} (--prompt not used)"
+    if isinstance(run, dict):
+        items = ", ".join(f"{k}={shape(v)}" for k, v in run.items())
+    elif isinstance(run, (tuple, list)):
+        items = ", ".join(shape(v) for v in run)
+    else:
+        items = shape(run)
+    return f"the factory's example inputs: {items} (--prompt not used)"
+
+
 def _ints(text: str) -> tuple:
     try:
         return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
@@ -331,6 +348,10 @@ def _run(args) -> int:
     else:
         raise AibaError("give --backend NAME or --model package.module:factory")
     d = diagnose(backend, prompt=args.prompt, steps=args.steps, pool=args.pool, seed=args.seed)
+    if args.model:  # the factory's inputs ran, not --prompt: say so
+        import dataclasses
+
+        d = dataclasses.replace(d, prompt=_describe_inputs(run))
     print(json.dumps(d.to_dict(), indent=2) if args.json else format_report(d))
     return 0
 
