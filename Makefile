@@ -2,6 +2,6 @@
 setup:
 	bash scripts/setup.sh
 demo: setup
-	.venv/bin/aiba eval --tiny --out runs/tiny
+	.venv/bin/aiba eval --backend reference --out runs/reference
 test: setup
 	.venv/bin/python -m pytest -q

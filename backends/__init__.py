@@ -24,8 +24,9 @@ BACKENDS = {
     "stable-audio": ("stable_audio", "StableAudioBackend", ("stable_audio_tools", "transformers")),
     "stable-audio-diffusers": ("stable_audio", "StableAudioDiffusersBackend", ("diffusers", "transformers")),
     "generic": ("generic", "GenericBackend", ()),
+    "reference": ("reference", "ReferenceBackend", ("diffusers", "safetensors")),
 }
-_EXTRAS = {"audioldm2": "audioldm2", "stable-audio": "stable-audio", "stable-audio-diffusers": "stable-audio"}
+_EXTRAS = {"reference": "audioldm2", "audioldm2": "audioldm2", "stable-audio": "stable-audio", "stable-audio-diffusers": "stable-audio"}
 
 
 def _missing(name: str) -> list[str]:

@@ -27,7 +27,7 @@ def _records(tap, patterns):
 def test_registry_lists_and_rejects():
     from aiba.backends import BACKENDS, available, get
 
-    assert set(BACKENDS) == {"audioldm2", "stable-audio", "stable-audio-diffusers", "generic"}
+    assert set(BACKENDS) == {"audioldm2", "stable-audio", "stable-audio-diffusers", "generic", "reference"}
     assert "generic" in available() and set(available()) <= set(BACKENDS)
     with pytest.raises(AibaError, match="unknown backend"):
         get("nope")

@@ -122,6 +122,9 @@ def test_cli_model_factory_human(tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "cross_attn" in text and "mha" in text and "30 x 7" in text and "6x5" in text
     assert "exposes cross-attention: yes" in text and "cfg: unknown" in text
+    # the header shows what the factory fed the model, not a default prompt it never saw
+    assert "the factory's example inputs: (1, 4, 6, 5), (1, 7, 8) (--prompt not used)" in text
+    assert "a bass solo" not in text
     assert main(["diagnose", "--model", "mha_factory:bad"]) == 3  # EXIT_CODES["input"]
     assert "factory must return" in capsys.readouterr().err
     assert main(["diagnose", "--model", "mha_factory:build", "--latent-shape", "30", "--json", "--steps", "1"]) == 0

@@ -38,9 +38,15 @@ def test_knowledge_templates_cover_the_documented_bands():
     for cls, m in tmpl.items():
         assert m.shape == (128, 64) and m.dtype == bool and m.all(axis=0).sum() == m[0].sum() > 0
     bass = tmpl["Bass"][0]
-    assert np.all(hz[bass] <= 250) and np.all(hz[bass] >= 30)
-    assert bass.sum() == np.sum((hz >= 30) & (hz <= 250))
-    assert tmpl["Drums"].sum() > tmpl["Guitars"].sum() > tmpl["Bass"].sum()
+    assert np.all(hz[bass] <= 262) and np.all(hz[bass] >= 41)
+    assert bass.sum() == np.sum((hz >= 41) & (hz <= 262))
+    drums = tmpl["Drums"][0]  # kick and cymbals, nothing in between
+    assert drums.sum() == np.sum((hz >= 40) & (hz <= 120)) + np.sum((hz >= 3000) & (hz <= 8000))
+    assert not drums[(hz > 120) & (hz < 3000)].any()
+    # every band leaves room to discriminate (the flag threshold is the documented one)
+    for cls, m in tmpl.items():
+        assert TP.band_coverage(m) < TP.COVERAGE_FLAG, cls
+    assert TP.band_coverage(np.ones(64, bool)) == 1.0 and TP.band_coverage(bass) == bass.mean()
     # rows follow the grid: at F=32 the bass band holds about half as many rows
     assert TP.knowledge_template("Bass", T=4, F=32).shape == (4, 32)
     assert TP.knowledge_template("Bass", F=32)[0].sum() in (bass.sum() // 2, bass.sum() // 2 + 1)

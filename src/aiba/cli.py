@@ -28,6 +28,7 @@ COMMANDS = [
     "aiba.report",
     "aiba.bench",
     "aiba.diagnose",
+    "aiba.train_reference",
 ]
 
 _EXIT_MEANING = {

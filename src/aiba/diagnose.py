@@ -251,7 +251,8 @@ def _fmt_num(x) -> str:
 
 def format_report(d: Diagnosis) -> str:
     """The human-readable table."""
-    lines = [f"aiba diagnose: {d.backend} ({d.denoiser}), {d.steps} step(s), prompt {d.prompt!r}",
+    inputs = d.prompt if d.prompt.startswith("the factory's") else f"prompt {d.prompt!r}"
+    lines = [f"aiba diagnose: {d.backend} ({d.denoiser}), {d.steps} step(s), {inputs}",
              f"latent {d.latent_shape if d.latent_shape is not None else 'unknown'} ({d.query_lattice}); "
              f"prefix tokens {d.prefix_tokens}; CFG {d.cfg or 'none'}", ""]
     header = ("module path", "kernel", "kind", "stream", "q_len x k_len", "heads", "calls/step", "lattice")
@@ -324,6 +325,22 @@ def load_factory(spec: str):
     return out
 
 
+def _describe_inputs(run) -> str:
+    """What a ``--model`` factory's second value feeds the model (shapes of example inputs)."""
+    def shape(x):
+        return str(tuple(x.shape)) if hasattr(x, "shape") else type(x).__name__
+
+    if callable(run) and not hasattr(run, "shape"):
+        return f"the factory's run callable {getattr(run, '__name__', type(run).__name__)} (--prompt not used)"
+    if isinstance(run, dict):
+        items = ", ".join(f"{k}={shape(v)}" for k, v in run.items())
+    elif isinstance(run, (tuple, list)):
+        items = ", ".join(shape(v) for v in run)
+    else:
+        items = shape(run)
+    return f"the factory's example inputs: {items} (--prompt not used)"
+
+
 def _ints(text: str) -> tuple:
     try:
         return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
@@ -364,14 +381,19 @@ def _diagnose_args(args):
         backend = get(args.backend, tiny=args.tiny)
     else:
         raise AibaError("give --backend NAME or --model package.module:factory")
-    return diagnose(backend, prompt=args.prompt, steps=args.steps, pool=args.pool, seed=args.seed)
+    d = diagnose(backend, prompt=args.prompt, steps=args.steps, pool=args.pool, seed=args.seed)
+    if args.model:  # the factory's inputs ran, not --prompt: say so
+        import dataclasses
+
+        d = dataclasses.replace(d, prompt=_describe_inputs(run))
+    return d
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("diagnose", help="list a model's attention calls, lattices and map health",
                               description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--backend", choices=["audioldm2", "stable-audio", "stable-audio-diffusers", "generic"])
+    src.add_argument("--backend", choices=["audioldm2", "stable-audio", "stable-audio-diffusers", "generic", "reference"])
     src.add_argument("--model", metavar="PKG.MODULE:FACTORY",
                      help="factory returning (model, run_callable) or (model, example_inputs)")
     p.add_argument("--tiny", action="store_true", help="the offline random-weight model of --backend")

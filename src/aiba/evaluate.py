@@ -885,6 +885,10 @@ def _cmd(args: argparse.Namespace) -> int:
             merge(run)
         print(f"merged {run}: tables and figures written")
         return 0
+    if args.backend == "reference":  # the positive control: trained vs untrained vs nulls (aiba.control)
+        from .control import run_from_args
+
+        return run_from_args(args)
     templates, instruments = (load_prompts(args.prompts) if args.prompts else
                               (DEFAULT_TEMPLATES, tuple(INSTRUMENT_WORDS.items())))
     classes = tuple(canonical_class(c) for c in _csv(args.classes))

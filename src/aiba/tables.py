@@ -30,7 +30,8 @@ from .errors import AibaError, AibaWarning
 from .metrics import (as_array, average_scores, binarize, confusion_counts, profile_correlation,
                       pointing_game, scores_from_counts, tf_ap)
 
-__all__ = ["AlignmentTable", "item_counts", "item_extras", "null_maps", "build_table1",
+__all__ = ["AlignmentTable", "class_table", "class_coverage", "flagged_classes", "templates_to_gts",
+           "item_counts", "item_extras", "null_maps", "shuffled_index", "build_table1",
            "build_table3", "bootstrap_indices", "NULLS"]
 
 NULLS = ("uniform", "shuffled")
@@ -99,6 +100,13 @@ class AlignmentTable:
                 lines.append("| " + " | ".join([r] + [cell(v[i, j], self.null_ci[name][i, j])
                                                      for j in range(len(self.columns))]) + " |")
         s = self.settings
+        cov = s.get("coverage") or {}
+        if cov:
+            from .templates import COVERAGE_FLAG
+
+            lines += ["", "Ground-truth coverage (share of cells): " + ", ".join(
+                f"{c} {v:.0%}" + (" (FLAGGED: covers nearly every cell, any map scores near 1)" if v >= COVERAGE_FLAG else "")
+                for c, v in cov.items())]
         lines += ["", f"{s.get('level', 0.95):.0%} bootstrap CIs over {s.get('n_items')} items "
                       f"({s.get('n_boot')} resamples, seed {s.get('seed')}); threshold "
                       f"{s.get('threshold')} after '{s.get('normalize')}' normalisation."]
@@ -115,6 +123,54 @@ def _inputs(maps, gts, labels):
     if m.shape[0] == 0:
         raise AibaError("no items to tabulate")
     return m, g, lab
+
+
+def class_coverage(gts, labels) -> dict:
+    """``{class: mean share of cells its ground truth marks}`` over the class's items."""
+    g = np.asarray(gts).astype(bool)
+    lab = np.asarray(labels).astype(str)
+    return {str(c): float(g[lab == c].mean()) for c in np.unique(lab)}
+
+
+def flagged_classes(table: "AlignmentTable") -> list:
+    """Classes whose ground truth covers at least :data:`aiba.templates.COVERAGE_FLAG` of the cells."""
+    from .templates import COVERAGE_FLAG
+
+    return [c for c, v in (table.settings.get("coverage") or {}).items() if v >= COVERAGE_FLAG]
+
+
+def templates_to_gts(templates, labels, shape) -> np.ndarray:
+    """``(N, T, F)`` ground truth: each item's class template, broadcast over time.
+
+    ``templates``: ``{class: (F,) band or (T, F) mask}`` (e.g. :func:`aiba.templates.knowledge_templates`
+    or ``{c: data_templates.band(c)}``); ``shape``: the maps' ``(N, T, F)``.
+    """
+    N, T, F = shape
+    lab = np.asarray(labels).astype(str)
+    missing = sorted(set(lab) - set(templates))
+    if missing:
+        raise AibaError(f"no template for class(es) {missing}; templates have {sorted(templates)}")
+    out = np.empty((N, T, F), dtype=bool)
+    for c in set(lab):
+        t = np.asarray(templates[c]).astype(bool)
+        if t.shape not in ((F,), (T, F)):
+            raise AibaError(f"template of {c!r} has shape {t.shape}; expected ({F},) or ({T}, {F}) to match the maps")
+        out[lab == c] = np.broadcast_to(t, (T, F))
+    return out
+
+
+def class_table(maps, templates, labels, *, threshold: float = 0.5, normalize: str = "max",
+                n_boot: int = 1000, seed: int = 0, nulls=NULLS, level: float = 0.95) -> "AlignmentTable":
+    """Table 3 straight from maps + class templates + labels, for any model.
+
+    ``maps`` ``(N, T, F)``; ``templates`` ``{class: (F,) or (T, F)}``; ``labels`` ``(N,)``.
+    Null baselines, bootstrap CIs and each class's template coverage come with it.
+    """
+    m = as_array(maps, "maps", dtype=np.float64, min_ndim=3)
+    if m.ndim != 3:
+        raise AibaError(f"maps: expected (N, T, F), got shape {m.shape}")
+    gts = templates_to_gts(templates, labels, m.shape)
+    return build_table3(m, gts, labels, threshold, normalize, n_boot=n_boot, seed=seed, nulls=nulls, level=level)
 
 
 def item_counts(maps, gts, threshold: float = 0.5, normalize: str = "max") -> np.ndarray:
@@ -138,6 +194,18 @@ def item_extras(maps, gts) -> np.ndarray:
     return out
 
 
+def shuffled_index(labels, rng: np.random.Generator) -> np.ndarray:
+    """``(N,)``: for each item, a random item of another class (the shuffled-class null)."""
+    lab = np.asarray(labels)
+    src = np.empty(lab.size, dtype=np.int64)
+    for i in range(lab.size):
+        others = np.flatnonzero(lab != lab[i])
+        if others.size == 0:
+            raise AibaError("the shuffled null baseline needs items of at least two classes")
+        src[i] = others[rng.integers(others.size)]
+    return src
+
+
 def null_maps(maps, kind: str, rng: np.random.Generator, labels=None) -> np.ndarray:
     """Null-baseline maps: ``uniform`` (all ones) or ``shuffled`` (each item scored against
     the map of a random item of another class, so no null pair is a matched prompt; without
@@ -147,15 +215,7 @@ def null_maps(maps, kind: str, rng: np.random.Generator, labels=None) -> np.ndar
         return np.ones_like(m)
     if kind != "shuffled":
         raise AibaError(f"null baseline must be one of {NULLS}, got {kind!r}")
-    n = m.shape[0]
-    lab = np.arange(n) if labels is None else np.asarray(labels)
-    src = np.empty(n, dtype=np.int64)
-    for i in range(n):
-        others = np.flatnonzero(lab != lab[i])
-        if others.size == 0:
-            raise AibaError("the shuffled null baseline needs items of at least two classes")
-        src[i] = others[rng.integers(others.size)]
-    return m[src]
+    return m[shuffled_index(np.arange(m.shape[0]) if labels is None else labels, rng)]
 
 
 def bootstrap_indices(labels, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -242,7 +302,8 @@ def _build(which, maps, gts, labels, threshold, normalize, n_boot, seed, nulls, 
     else:
         title, rows, cols = "Table 3: band alignment per instrument", tuple(classes) + ("Macro-avg",), T1_ROWS
     settings = {"threshold": threshold, "normalize": normalize, "n_items": int(lab.size),
-                "n_boot": n_boot, "seed": seed, "level": level, "nulls": list(nulls)}
+                "n_boot": n_boot, "seed": seed, "level": level, "nulls": list(nulls),
+                "coverage": class_coverage(g, lab)}
     point, ci = results.pop("model")
     return AlignmentTable(title, rows, cols, point, ci, {k: v[0] for k, v in results.items()},
                           {k: v[1] for k, v in results.items()}, settings)
