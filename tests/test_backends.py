@@ -94,7 +94,7 @@ def test_sat_dit_time_only_prefix_stripped_identical(sat_backend):
     assert len(cross) == c.depth * 3
     for r in cross:
         # SAO-style context: T5 tokens (padded) + seconds_start + seconds_total; 1 + T queries
-        assert (r.kind, r.kind_source, r.k_len, r.q_len) == ("cross", "module", c.max_text_len + 2, 1 + c.latent_len)
+        assert (r.kind, r.kind_source, r.k_len, r.q_len) == ("cross", "args", c.max_text_len + 2, 1 + c.latent_len)
         assert r.lattice == (c.latent_len, 1) and r.batch == 4
     m = cap.maps["t5"]
     assert not m.freq_resolved and m.overall.shape == (2, 32, 1)  # a time profile, not spread over F

@@ -328,8 +328,8 @@ def test_module_context_decides_kind_and_names_paths():
     with combined_patch(tap, model=m):
         m(x, text)
     assert [(r.name, r.kind, r.kind_source) for r in tap.store] == [
-        ("attn1", "self", "module"),
-        ("attn2", "cross", "module"),
+        ("attn1", "self", "args"),
+        ("attn2", "cross", "args"),
     ]
 
 
@@ -386,7 +386,7 @@ def test_diffusers_attention_tagged_by_encoder_states():
         with combined_patch(tap, model=holder):
             o1, o2 = attn1(x), attn2(x, encoder_hidden_states=enc)
     assert torch.equal(o1, e1) and torch.equal(o2, e2)
-    assert [(r.name, r.kind, r.kind_source) for r in tap.store] == [("attn1", "self", "module"), ("attn2", "cross", "module")]
+    assert [(r.name, r.kind, r.kind_source) for r in tap.store] == [("attn1", "self", "args"), ("attn2", "cross", "args")]
 
 
 def test_bad_inputs_raise_aiba_error():

@@ -21,7 +21,7 @@ def test_diagnose_audioldm2_two_streams_2d(audioldm2_backend):
     by_stream = {}
     for c in d.calls:
         by_stream.setdefault(c.stream, set()).add((c.kind, c.k_len))
-        assert c.kernel == "sdpa" and c.kind_source == "module" and c.heads == 2 and c.batch == 2
+        assert c.kernel == "sdpa" and c.kind_source == "args" and c.heads == 2 and c.batch == 2
         assert c.lattice in {(10, 6), (5, 3)} and c.lattice[0] * c.lattice[1] == c.q_len
     assert by_stream["gpt2"] == {("cross", 8)} and by_stream["t5"] == {("cross", 6)}
     assert {k for k, _ in by_stream["self"]} == {"self"}

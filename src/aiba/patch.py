@@ -1,18 +1,30 @@
 """Kernel shims and the one scoped entry point, :func:`combined_patch`.
 
 Every shim calls the original kernel with the caller's exact arguments and returns its
-output untouched; afterwards it hands the call's ``q``/``k``/mask to each active tap, which
-recomputes the probabilities (:mod:`aiba.probs`). Patched symbols (one table,
-:func:`_targets`) are swapped in by the outermost ``combined_patch`` and restored exactly on
-exit, on an exception, and when entering fails halfway. Active taps live in a ``ContextVar``:
-nested blocks add taps; outside every block no aiba code runs.
+output untouched; afterwards it hands the call to each active tap. The order per call:
+
+1. cheap facts first: the call's sizes, the module whose forward issued it (the nearest
+   ``nn.Module._call_impl`` frame: its ``self``, ``args`` and ``kwargs``), the kind;
+2. each tap decides whether it selects the call (kind, layer, step) and records it;
+3. only for selected calls are the canonical inputs built (MHA projections, xformers
+   bias materialisation, ALiBi) and the probabilities recomputed (:mod:`aiba.probs`).
+
+Anything that goes wrong after the kernel ran is put on the call's record (``rec.error``),
+warned once per layer and raised when maps are read: capture never breaks a forward.
+
+Patched symbols (one table, :func:`_targets`) are swapped in by the outermost
+``combined_patch`` and restored exactly on exit, on an exception, and when entering fails
+halfway. Active taps live in a ``ContextVar``: nested blocks add taps; outside every block
+no aiba code runs.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -23,21 +35,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AibaError
+from .errors import AibaError, AibaWarning
 from .probs import AttnInputs
 from .tap import AttnTap
 
-__all__ = ["combined_patch", "active_taps", "patched_symbols", "swap_everywhere"]
+__all__ = ["combined_patch", "active_taps", "patched_symbols", "swap_everywhere", "module_kind", "CONTEXT_ARGS",
+           "CACHE_ARGS", "CROSS_NAMES"]
 
 _ACTIVE: ContextVar[tuple[AttnTap, ...]] = ContextVar("aiba_active_taps", default=())
 # set while an outer shim runs its kernel, so the kernel's own inner calls (MHA -> SDPA)
 # are not recorded twice
 _INSIDE: ContextVar[bool] = ContextVar("aiba_inside_kernel", default=False)
 
-# forward arguments that carry the cross-attention context in known attention modules
-# (diffusers Attention: encoder_hidden_states; stable-audio-tools Attention: context)
-_CONTEXT_ARGS = ("encoder_hidden_states", "context")
-_MAX_FRAMES = 64  # frames walked up from a kernel call to find the module that issued it
+# forward arguments that carry the other sequence of a cross-attention call: a value means
+# "cross" (or "joint", see _joint_span), None means "self"
+CONTEXT_ARGS = ("encoder_hidden_states", "context", "key_value_states", "cross_attention_states", "memory",
+                "encoder_outputs", "encoder_states", "cross_attn_states")
+# forward arguments holding a key/value cache of the module's own past input
+CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past", "kv_cache", "cache")
+# last component of a module path that names a cross-attention layer
+CROSS_NAMES = frozenset({"encoder_attn", "EncDecAttention", "attn2", "cross_attn", "cross_attention", "crossattention",
+                         "multihead_attn", "enc_dec_attn", "cross_attn_layer"})
+# processors / modules that put the context tokens BEFORE the latent tokens in a joint call
+# (SD3's JointAttnProcessor2_0 and the others put them after)
+_CONTEXT_FIRST = ("Flux", "AuraFlow", "Bria", "LongCat", "Ovis", "EasyAnimate")
+_MAX_FRAMES = 64  # frames walked up from a kernel call to the nearest module call
+_CALL_IMPL = nn.Module._call_impl.__code__
+_is_compiling = torch.compiler.is_compiling
+_graph_task = torch._C._current_graph_task_id
 
 
 def active_taps() -> tuple[AttnTap, ...]:
@@ -46,49 +71,186 @@ def active_taps() -> tuple[AttnTap, ...]:
 
 
 # ------------------------------------------------------------------ call context
-def _caller_module(frame) -> tuple[nn.Module | None, str | None]:
-    """The innermost ``nn.Module`` whose method is on the stack, and the kind its forward
-    arguments state ("cross"/"self"), or None when it takes no context argument."""
-    module, kind = None, None
+def _issuer(frame) -> tuple[nn.Module | None, tuple, dict]:
+    """The module whose forward is running at ``frame`` (the ``self`` of the nearest
+    ``nn.Module._call_impl`` frame) and the arguments it was called with. A helper method of
+    a parent module, called from a child's forward, is attributed to the child."""
     for _ in range(_MAX_FRAMES):
         if frame is None:
             break
-        code = frame.f_code
-        if code.co_argcount and code.co_varnames[0] == "self":
-            local = frame.f_locals
-            obj = local.get("self")
-            if module is not None and obj is not module:
-                break  # left the innermost module's frames
-            if isinstance(obj, nn.Module):
-                module = obj
-                names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
-                for arg in _CONTEXT_ARGS:
-                    if arg in names:
-                        kind = "self" if local.get(arg) is None else "cross"
-                        return module, kind
-        elif module is not None:
-            break
+        if frame.f_code is _CALL_IMPL:
+            loc = frame.f_locals
+            return loc.get("self"), loc.get("args", ()), loc.get("kwargs") or {}
         frame = frame.f_back
-    return module, kind
+    return None, (), {}
 
 
-def _dispatch(kernel: str, frame, make_inputs: Callable[[], AttnInputs], kind: str | None = None) -> None:
-    """Hand one kernel call to every active tap that takes this kernel."""
+@dataclass(frozen=True)
+class _Sig:
+    """What a module type's forward signature says (cached per type)."""
+
+    pos: dict  # parameter name -> position in ``args`` (self excluded)
+    context: tuple[str, ...]  # CONTEXT_ARGS it takes
+    cache: tuple[str, ...]  # CACHE_ARGS it takes
+    var_kw: bool  # takes **kwargs
+    first: str | None  # first parameter (the module's own input)
+
+
+_SIGS: dict[type, _Sig] = {}
+
+
+def _sig(cls: type) -> _Sig:
+    s = _SIGS.get(cls)
+    if s is None:
+        try:
+            params = list(inspect.signature(cls.forward).parameters.values())[1:]
+        except (TypeError, ValueError):
+            params = []
+        pos = {p.name: i for i, p in enumerate(params) if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        names = {p.name for p in params}
+        var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
+        s = _SIGS[cls] = _Sig(pos, tuple(a for a in CONTEXT_ARGS if a in names), tuple(a for a in CACHE_ARGS if a in names),
+                              var_kw, params[0].name if params else None)
+    return s
+
+
+_ABSENT = object()
+
+
+def _arg(sig: _Sig, args: tuple, kwargs: dict, name: str):
+    """The value the module got for forward parameter ``name`` (None when left at its
+    default), or _ABSENT when its forward takes no such parameter."""
+    if name in kwargs:
+        return kwargs[name]
+    i = sig.pos.get(name)
+    if i is not None:
+        return args[i] if i < len(args) else None
+    return _ABSENT
+
+
+def _seq_len(t) -> int | None:
+    return int(t.shape[1]) if isinstance(t, torch.Tensor) and t.dim() == 3 else None
+
+
+def _joint_span(module: nn.Module, sig: _Sig, args, kwargs, ctx, lq: int, lk: int) -> tuple[int, int] | None:
+    """(start, stop) of the context tokens when the call attends over the module's own
+    tokens and the context tokens concatenated (SD3/Flux MM-DiT joint attention), else None."""
+    m = _seq_len(ctx)
+    n = _seq_len(_arg(sig, args, kwargs, sig.first)) if sig.first is not None else None
+    if m is None or n is None or lq != n + m or lk != lq:
+        return None
+    owner = f"{type(module).__name__} {type(getattr(module, 'processor', None)).__name__}"
+    first = any(tag in owner for tag in _CONTEXT_FIRST)
+    return (0, m) if first else (n, n + m)
+
+
+def module_kind(module: nn.Module | None, args: tuple, kwargs: dict, lq: int, lk: int):
+    """Kind from the facts of the issuing module, in order: its forward arguments
+    (CONTEXT_ARGS: a value -> "cross" or "joint", None -> "self"), then its
+    ``is_cross_attention`` attribute. Returns (kind, source, context span) or
+    (None, hint, None) where hint is "cache" when the module was handed a cache of its own
+    past keys (the length rule then never says "cross")."""
+    if module is None:
+        return None, None, None
+    sig = _sig(type(module))
+    for name in sig.context:
+        v = _arg(sig, args, kwargs, name)
+        if v is None:
+            return "self", "args", None
+        if v is not _ABSENT:
+            span = _joint_span(module, sig, args, kwargs, v, lq, lk)
+            return ("joint", "args", span) if span is not None else ("cross", "args", None)
+    if sig.var_kw:
+        for name in CONTEXT_ARGS:
+            if name in kwargs:
+                return ("self", "args", None) if kwargs[name] is None else ("cross", "args", None)
+    flag = getattr(module, "is_cross_attention", None)
+    if isinstance(flag, bool):
+        return ("cross" if flag else "self"), "attribute", None
+    for name in sig.cache + tuple(a for a in CACHE_ARGS if sig.var_kw and a in kwargs):
+        v = _arg(sig, args, kwargs, name)
+        if v is not None and v is not _ABSENT:
+            return None, "cache", None
+    return None, None, None
+
+
+def _tag(tap: AttnTap, name: str | None, lq: int, lk: int, kind, source):
+    """Finish the kind for one tap: the module's facts, then its path's last component
+    (CROSS_NAMES), then the tap's override, then the length rule."""
+    if kind is not None:
+        return kind, source
+    if name is not None and name.rsplit(".", 1)[-1] in CROSS_NAMES:
+        return "cross", "attribute"
+    k = tap.override_kind(name, lq, lk)
+    if k is not None:
+        return k, "override"
+    if source == "cache" or lq == 0:
+        return "self", "cache" if source == "cache" else "heuristic"
+    return tap.heuristic_kind(lq, lk), "heuristic"
+
+
+# ------------------------------------------------------------------ dispatch
+_UNSEEN = {"traced": 0}
+
+
+def _traced(t) -> bool:
+    """A tensor seen while torch.compile/export traces (fake, functional, symbolic sizes)."""
+    if type(t) is torch.Tensor or type(t) is nn.Parameter:
+        return any(isinstance(s, torch.SymInt) for s in t.shape)
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(t, (FakeTensor, FunctionalTensor)) or any(isinstance(s, torch.SymInt) for s in t.shape)
+
+
+def _fail(tap: AttnTap, rec, name, exc: BaseException) -> None:
+    try:
+        tap._fail(rec, name, exc)
+    except Exception:  # never let reporting break the forward
+        pass
+
+
+def _dispatch(kernel: str, frame, probe: torch.Tensor, size: Callable, build: Callable, module=None, fixed=None) -> None:
+    """Hand one kernel call to the active taps that take ``kernel``.
+
+    ``size(module)`` -> (B, H, Lq, Lk) without building anything; ``build(module)`` ->
+    AttnInputs, called only if some tap selected the call. ``module``/``fixed`` (kind,
+    source): the issuing module and the kind when the shim knows them (MHA).
+    """
     taps = [t for t in _ACTIVE.get() if kernel in t.kernels]
     if not taps:
         return
-    module, ctx_kind = (None, None) if kind is not None else _caller_module(frame)
-    x = make_inputs()
-    _, _, lq, lk = x.shape
-    for tap in taps:
-        if kind is not None:
-            k, source = kind, "module"
-        elif ctx_kind is not None:
-            k, source = ctx_kind, "module"
+    if _graph_task() != -1:
+        return  # a forward recomputed during backward (activation checkpointing): seen already
+    if _traced(probe):
+        _UNSEEN["traced"] += 1
+        return
+    try:
+        args, kwargs = (), {}
+        if module is None:
+            module, args, kwargs = _issuer(frame)
+        b, h, lq, lk = size(module)
+        if fixed is not None:
+            kind, source, span = fixed[0], fixed[1], None
         else:
-            k, source = tap.heuristic_kind(lq, lk), "heuristic"
-        name = tap.model_paths.get(id(module)) if module is not None else None
-        tap._on_call(kernel, name, k, source, x, outside=bool(tap.model_paths) and name is None)
+            kind, source, span = module_kind(module, args, kwargs, lq, lk)
+    except Exception as e:  # the kernel ran; report, never raise
+        for tap in taps:
+            _fail(tap, None, kernel, e)
+        return
+    x = None
+    for tap in taps:
+        rec = None
+        try:
+            name = tap.model_paths.get(id(module)) if module is not None else None
+            k, src = _tag(tap, name, lq, lk, kind, source)
+            rec = tap._record(kernel, name, k, src, (b, h, lq, lk), bool(tap.model_paths) and name is None, span)
+            if rec is not None and rec.captured and rec.note is None and tap.computes:
+                if x is None:
+                    x = build(module)
+                tap._capture(kernel, rec, x)
+        except Exception as e:
+            _fail(tap, rec, name if rec is None else rec.name, e)
 
 
 @contextmanager
@@ -112,7 +274,36 @@ def _to4(t: torch.Tensor) -> torch.Tensor:
     raise AibaError(f"attention input of shape {tuple(t.shape)}: expected at least (B, L, E)")
 
 
-def _sdpa_inputs(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> AttnInputs:
+def _packed_groups(module, query, key) -> int:
+    """transformers' one-token decode packs grouped-query heads into the query length:
+    (B, H, 1, D) -> (B, kv_heads, groups, D). The groups when this call is so packed, else 1."""
+    g = getattr(module, "num_key_value_groups", 1) if module is not None else 1
+    if not isinstance(g, int) or g <= 1 or query.dim() != 4 or key.dim() != 4:
+        return 1
+    kv = getattr(getattr(module, "config", None), "num_key_value_heads", None)
+    if query.shape[1] == key.shape[1] == kv and query.shape[2] == g:
+        return g
+    return 1
+
+
+def _sdpa_size(query, key, module) -> tuple[int, int, int, int]:
+    if query.dim() < 3:
+        raise AibaError(f"attention input of shape {tuple(query.shape)}: expected at least (B, L, E)")
+    h = query.shape[1] if query.dim() == 4 else 1 if query.dim() == 3 else int(torch.Size(query.shape[1:-2]).numel())
+    g = _packed_groups(module, query, key)
+    return query.shape[0], h * g, query.shape[-2] // g, key.shape[-2]
+
+
+def _sdpa_inputs(query, key, value=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                 module=None) -> AttnInputs:
+    g = _packed_groups(module, query, key)
+    if g > 1:
+        b, hk, _, d = query.shape
+        query = query.reshape(b, hk * g, 1, d)  # (B, Hk, g, D) -> (B, H, 1, D): the inverse of the packing
+        if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[-2] == g:
+            if attn_mask.shape[1] != hk:
+                raise AibaError(f"packed grouped-query mask {tuple(attn_mask.shape)}: expected (B, {hk}, {g}, Lk)")
+            attn_mask = attn_mask.reshape(attn_mask.shape[0], hk * g, 1, attn_mask.shape[-1])  # (B, H, 1, Lk)
     q, k = _to4(query), _to4(key)
     if k.shape[0] != q.shape[0]:
         k = k.expand(q.shape[0], *k.shape[1:])
@@ -125,22 +316,29 @@ def _sdpa_inputs(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     return AttnInputs(q, k, scale=scale, bias=bias, causal="top_left" if is_causal else None)
 
 
-def _make_shim(kernel: str, orig, to_inputs):
+def _make_shim(kernel: str, orig, to_inputs, to_size):
     """A drop-in for a functional kernel: call ``orig`` with the caller's exact arguments,
     return its output untouched, then hand the call to the active taps."""
 
     @functools.wraps(orig)
     def shim(*args, **kwargs):
+        if _is_compiling():
+            return orig(*args, **kwargs)  # traced by torch.compile: stay out of the graph
         out = orig(*args, **kwargs)
         if _ACTIVE.get() and not _INSIDE.get():
-            _dispatch(kernel, sys._getframe(1), lambda: to_inputs(*args, **kwargs))
+            _dispatch(kernel, sys._getframe(1), args[0] if args else next(iter(kwargs.values())),
+                      lambda m: to_size(m, *args, **kwargs), lambda m: to_inputs(*args, **kwargs, module=m))
         return out
 
     return shim
 
 
+def _sdpa_size_args(module, query, key, *_, **__):
+    return _sdpa_size(query, key, module)
+
+
 _ORIG_SDPA = F.scaled_dot_product_attention
-_sdpa_shim = _make_shim("sdpa", _ORIG_SDPA, _sdpa_inputs)
+_sdpa_shim = _make_shim("sdpa", _ORIG_SDPA, _sdpa_inputs, _sdpa_size_args)
 
 
 # ---------------------------------------------------------------------- MHA
@@ -198,24 +396,122 @@ def mha_inputs(mod: nn.MultiheadAttention, query, key, key_padding_mask=None, at
     return AttnInputs(q, k, scale=hd**-0.5, bias=bias, causal=causal)
 
 
+def _mha_size(mod: nn.MultiheadAttention, query, key) -> tuple[int, int, int, int]:
+    if query.dim() == 3:
+        lq, n = (query.shape[1], query.shape[0]) if mod.batch_first else (query.shape[0], query.shape[1])
+        lk = key.shape[1] if mod.batch_first else key.shape[0]
+    else:
+        lq, n, lk = query.shape[0], 1, key.shape[0]
+    lk += (mod.bias_k is not None) + bool(mod.add_zero_attn)
+    return n, mod.num_heads, lq, lk
+
+
+def _same_sequence(query, key) -> bool:
+    """MHA self-attention: the key is the query: the same tensor, a view of the same memory
+    with the same shape and strides, or (DETR's ``attn(x + pos, x + pos, x)``, where
+    ``x + pos`` is computed twice) a tensor holding the same values."""
+    if key is query:
+        return True
+    if key.shape != query.shape or key.dtype != query.dtype or key.device != query.device:
+        return False
+    if (key.untyped_storage().data_ptr() == query.untyped_storage().data_ptr()
+            and key.storage_offset() == query.storage_offset() and key.stride() == query.stride()):
+        return True
+    return bool(torch.equal(key, query))
+
+
 def _mha_shim(self, *args, **kwargs):
-    if not _ACTIVE.get() or _INSIDE.get():
+    if _is_compiling() or not _ACTIVE.get() or _INSIDE.get():
         return _ORIG_MHA_FORWARD(self, *args, **kwargs)
     with _inside():
         out = _ORIG_MHA_FORWARD(self, *args, **kwargs)
-    query, key, kpm, attn_mask, is_causal = _mha_args(*args, **kwargs)
-    taps = [t for t in _ACTIVE.get() if "mha" in t.kernels]
-    if taps:
-        x = mha_inputs(self, query, key, kpm, attn_mask, is_causal)
-        kind = "self" if key is query else "cross"
-        for tap in taps:
-            name = tap.model_paths.get(id(self))
-            tap._on_call("mha", name, kind, "module", x, outside=bool(tap.model_paths) and name is None)
+    try:
+        query, key, kpm, attn_mask, is_causal = _mha_args(*args, **kwargs)
+        kind = "self" if _same_sequence(query, key) else "cross"
+    except Exception as e:
+        for tap in _ACTIVE.get():
+            _fail(tap, None, "mha", e)
+        return out
+    _dispatch("mha", None, query, lambda m: _mha_size(self, query, key),
+              lambda m: mha_inputs(self, query, key, kpm, attn_mask, is_causal), module=self, fixed=(kind, "args"))
+    return out
+
+
+# ------------------------------------------- nn.TransformerEncoderLayer fast path
+_ORIG_TEL_FWD = torch._transformer_encoder_layer_fwd
+
+
+def _tel_inputs(src, embed_dim, num_heads, in_w, in_b, norm_first, eps, n1w, n1b, mask, mask_type) -> AttnInputs:
+    """q, k of the fused encoder layer recomputed from its weights as for MHA (batch first).
+    A nested ``src`` (TransformerEncoder with a padding mask) is padded; padded keys are
+    masked and padded query rows are fully masked (zeros)."""
+    e, h = int(embed_dim), int(num_heads)
+    hd = e // h
+    bias = None
+    with torch.no_grad():
+        if src.is_nested:
+            lens = [int(t.shape[0]) for t in src.unbind()]
+            src = src.to_padded_tensor(0.0)  # (B, L, E)
+            valid = torch.arange(src.shape[1], device=src.device)[None, :] < torch.tensor(lens, device=src.device)[:, None]
+            pad = ~(valid[:, None, :, None] & valid[:, None, None, :])  # (B, 1, L, L) True = masked
+            bias = _float_mask(pad, src)
+        x = src.float()
+        if norm_first:
+            x = F.layer_norm(x, (e,), n1w.float(), n1b.float(), eps)
+        b, lq, _ = x.shape
+        bq, bk = (in_b[:e].float(), in_b[e : 2 * e].float()) if in_b is not None else (None, None)
+        q = F.linear(x, in_w[:e].float(), bq).reshape(b, lq, h, hd).transpose(1, 2)  # (B, H, L, hd)
+        k = F.linear(x, in_w[e : 2 * e].float(), bk).reshape(b, lq, h, hd).transpose(1, 2)  # (B, H, L, hd)
+        if mask is not None:
+            m = _float_mask(mask, x)
+            if mask_type == 1:
+                m = m[:, None, None, :]  # key padding (B, L) -> (B, 1, 1, L)
+            bias = m if bias is None else bias + m
+    return AttnInputs(q, k, scale=hd**-0.5, bias=bias)
+
+
+def _tel_shim(*args, **kwargs):
+    if _is_compiling():
+        return _ORIG_TEL_FWD(*args, **kwargs)
+    out = _ORIG_TEL_FWD(*args, **kwargs)
+    if _ACTIVE.get() and not _INSIDE.get():
+        try:
+            names = ("src", "embed_dim", "num_heads", "in_w", "in_b", "out_w", "out_b", "gelu", "norm_first", "eps",
+                     "n1w", "n1b", "n2w", "n2b", "l1w", "l1b", "l2w", "l2b", "mask", "mask_type")
+            a = dict(zip(names, args))
+            a.update(kwargs)
+            src, h = a["src"], int(a["num_heads"])
+            layer, _, _ = _issuer(sys._getframe(1))
+            attn = getattr(layer, "self_attn", None)
+            module = attn if isinstance(attn, nn.MultiheadAttention) else layer
+            if src.is_nested:
+                b, lq = src.size(0), max(int(t.shape[0]) for t in src.unbind())
+            else:
+                b, lq = src.shape[0], src.shape[1]
+        except Exception as e:
+            for tap in _ACTIVE.get():
+                _fail(tap, None, "mha", e)
+            return out
+        _dispatch("mha", None, src if not src.is_nested else torch.empty(0), lambda m: (b, h, lq, lq),
+                  lambda m: _tel_inputs(src, a["embed_dim"], h, a["in_w"], a["in_b"], a["norm_first"], a["eps"], a["n1w"],
+                                        a["n1b"], a.get("mask"), a.get("mask_type")), module=module, fixed=("self", "args"))
     return out
 
 
 # ----------------------------------------------------------------- xformers
-def xformers_inputs(query, key, value=None, attn_bias=None, p=0.0, scale=None, **_) -> AttnInputs:
+def _xformers_size(module, query, key, *_, **__) -> tuple[int, int, int, int]:
+    if query.dim() == 3:
+        h = 1
+    elif query.dim() == 4:
+        h = query.shape[2]
+    elif query.dim() == 5:
+        h = query.shape[2] * query.shape[3]
+    else:
+        raise AibaError(f"xformers query of shape {tuple(query.shape)}: expected BMK, BMHK or BMGHK")
+    return query.shape[0], h, query.shape[1], key.shape[1]
+
+
+def xformers_inputs(query, key, value=None, attn_bias=None, p=0.0, scale=None, module=None, **_) -> AttnInputs:
     """xformers layouts BMK, BMHK, BMGHK -> canonical (B, H, M, K); biases materialised."""
     if query.dim() == 3:
         q, k = query.unsqueeze(2), key.unsqueeze(2)  # (B, M, 1, K)
@@ -241,8 +537,13 @@ def xformers_inputs(query, key, value=None, attn_bias=None, p=0.0, scale=None, *
 
 
 # --------------------------------------------------------------- flash_attn
+def _flash_size(module, q, k, *_, **__) -> tuple[int, int, int, int]:
+    return q.shape[0], q.shape[2], q.shape[1], k.shape[1]
+
+
 def flash_attn_inputs(q, k, v=None, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                      softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, **_) -> AttnInputs:
+                      softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, module=None,
+                      **_) -> AttnInputs:
     """flash_attn_func layout (B, S, H, D) -> canonical; causal/window bottom-right aligned."""
     q4, k4 = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, S, D)
     bias = None
@@ -286,18 +587,22 @@ def _rebinders(orig, replacement) -> list[_Target]:
     return [_Target(mod, attr, replacement) for mod, d in _module_dicts() for attr, val in list(d.items()) if val is orig]
 
 
+_tel_shim = functools.wraps(_ORIG_TEL_FWD)(_tel_shim)
+
+
 def _targets() -> list[_Target]:
     """Every symbol combined_patch swaps (the one table)."""
     out = _rebinders(_ORIG_SDPA, _sdpa_shim)
     out.append(_Target(nn.MultiheadAttention, "forward", _mha_shim))
+    out += _rebinders(_ORIG_TEL_FWD, _tel_shim)
     xops = _optional("xformers.ops")
     if xops is not None and hasattr(xops, "memory_efficient_attention"):
         orig = xops.memory_efficient_attention
-        out += _rebinders(orig, _make_shim("xformers", orig, xformers_inputs))
+        out += _rebinders(orig, _make_shim("xformers", orig, xformers_inputs, _xformers_size))
     fa = _optional("flash_attn")
     if fa is not None and hasattr(fa, "flash_attn_func"):
         orig = fa.flash_attn_func
-        out += _rebinders(orig, _make_shim("flash_attn", orig, flash_attn_inputs))
+        out += _rebinders(orig, _make_shim("flash_attn", orig, flash_attn_inputs, _flash_size))
     return out
 
 
@@ -324,6 +629,20 @@ _PATCHED: dict[str, Any] = {"depth": 0, "stack": None, "targets": []}
 
 
 @contextmanager
+def _eager_compiled() -> Iterator[None]:
+    """Compiled code runs its eager original inside the block, so the shims see real calls
+    with concrete sizes (``torch.compiler.set_stance("force_eager")``); the calls traced
+    anyway (a stance set inside the block, torch.export) are counted and warned about once."""
+    seen = _UNSEEN["traced"]
+    with torch.compiler.set_stance("force_eager"):
+        yield
+    missed = _UNSEEN["traced"] - seen
+    if missed:
+        warnings.warn(f"{missed} attention call(s) ran while torch.compile/export was tracing and were not captured; "
+                      "aiba captures compiled models by running them eagerly inside the block", AibaWarning, stacklevel=3)
+
+
+@contextmanager
 def _patched() -> Iterator[None]:
     """Reference-counted global patching: the outermost block swaps, the last one out restores."""
     with _LOCK:
@@ -333,6 +652,7 @@ def _patched() -> Iterator[None]:
             try:
                 for t in targets:
                     stack.enter_context(_swap(t))
+                stack.enter_context(_eager_compiled())
             except BaseException:
                 stack.close()  # undo what was applied, in reverse order
                 raise
@@ -380,7 +700,8 @@ def patched_symbols() -> list[tuple[Any, str]]:
 def _model_paths(tap: AttnTap, model: nn.Module | None) -> Iterator[None]:
     old = tap.model_paths
     if model is not None:
-        tap.model_paths = {id(m): name or type(model).__name__ for name, m in model.named_modules()}
+        root = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule: name the original's modules
+        tap.model_paths = {id(m): name or type(root).__name__ for name, m in root.named_modules()}
     try:
         yield
     finally:
@@ -392,13 +713,15 @@ def combined_patch(*taps: AttnTap, model: nn.Module | None = None) -> Iterator[A
     """Capture attention into ``taps`` inside the block.
 
     Patches ``F.scaled_dot_product_attention`` (and every module global bound to it),
-    ``nn.MultiheadAttention.forward``, and, when the program has imported them,
+    ``nn.MultiheadAttention.forward``, ``torch._transformer_encoder_layer_fwd`` (the fused
+    ``nn.TransformerEncoderLayer`` path), and, when the program has imported them,
     ``xformers.ops.memory_efficient_attention`` and ``flash_attn.flash_attn_func`` (and every
     module global bound to them, e.g. stable-audio-tools' ``flash_attn_func``).
-    With ``model`` the calls are named by the dotted path of the module that issued them;
-    calls from outside ``model`` (text encoders, a VAE) are recorded with ``outside=True``
-    and never recomputed.
-    Yields the tap (or the tuple of taps).
+    With ``model`` the calls are named by the dotted path of the module whose forward issued
+    them; calls from outside ``model`` (text encoders, a VAE) are recorded with
+    ``outside=True`` and never recomputed. Compiled models (``torch.compile``) run their eager
+    original inside the block. Yields the tap (or the tuple of taps); a tap given twice, or
+    already active in an outer block, sees each call once.
 
     Active taps live in a ``ContextVar``: calls made in threads started inside the block
     (``nn.DataParallel``, thread pools) run in a fresh context and are not captured; run the
@@ -409,11 +732,14 @@ def combined_patch(*taps: AttnTap, model: nn.Module | None = None) -> Iterator[A
     for t in taps:
         if not isinstance(t, AttnTap):
             raise AibaError(f"combined_patch takes AttnTap objects, got {type(t).__name__}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise AibaError(f"combined_patch(model=) takes an nn.Module, got {type(model).__name__}")
+    unique = tuple(dict.fromkeys(taps))
     with ExitStack() as stack:
         stack.enter_context(_patched())
-        for t in taps:
+        for t in unique:
             stack.enter_context(_model_paths(t, model))
         active = _ACTIVE.get()
-        token = _ACTIVE.set(active + tuple(t for t in taps if t not in active))  # a tap sees each call once
+        token = _ACTIVE.set(active + tuple(t for t in unique if t not in active))  # a tap sees each call once
         stack.callback(_ACTIVE.reset, token)
         yield taps[0] if len(taps) == 1 else taps

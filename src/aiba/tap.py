@@ -12,6 +12,7 @@ grow with the number of steps.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -23,11 +24,25 @@ from . import mapping
 from .errors import AibaError, AibaWarning
 from .probs import AttnInputs, head_mean_chunks
 
+
+def _block(x: AttnInputs, rows: slice, cols: slice) -> AttnInputs:
+    """The sub-call of query rows ``rows`` over keys ``cols`` (views, no copies)."""
+    if x.causal is not None or max(x.window) >= 0:
+        raise AibaError(f"a joint call with a causal or windowed mask cannot be split; q {tuple(x.q.shape)}")
+    bias = x.bias
+    if bias is not None:
+        bias = bias[..., rows, :] if bias.dim() >= 2 and bias.shape[-2] != 1 else bias
+        bias = bias[..., cols] if bias.shape[-1] != 1 else bias
+    return AttnInputs(x.q[:, :, rows], x.k[:, :, cols], x.scale, bias, None, x.window, x.softcap)
+
 __all__ = ["AttnTap", "CallRecord", "TapMaps", "KINDS", "KERNELS"]
 
 KINDS = ("cross", "self")
 KERNELS = ("sdpa", "mha", "xformers", "flash_attn")
 KEEP = ("calls", "probs", "steps")
+RECORDS = ("all", "selected")
+# what rec.kind_source can say, in the order the rules are tried (see AttnTap)
+KIND_SOURCES = ("args", "attribute", "override", "cache", "heuristic")
 
 
 @dataclass(slots=True)
@@ -36,19 +51,22 @@ class CallRecord:
 
     name: str  # dotted module path (with model=), else "<kernel>.<i>", i = call order in the step
     kernel: str  # "sdpa" | "mha" | "xformers" | "flash_attn"
-    kind: str  # "cross" | "self"
+    kind: str  # "cross" | "self" | "joint" (latent and context tokens in one call, see ``context``)
     step: int  # the tap's denoising-step counter when the call ran
     q_len: int
     k_len: int
     heads: int  # query heads
     batch: int  # batch of the call (before CFG selection)
     index: int  # order of the call since the last reset
-    kind_source: str = "heuristic"  # "module" (decided by module context) or "heuristic" (cross_ratio)
+    kind_source: str = "heuristic"  # the rule that decided ``kind``: one of KIND_SOURCES
     lattice: tuple[int, int] | None = None  # (T', F') the queries were placed on; None if not mapped
     captured: bool = True  # False: recorded but not recomputed (filtered, or outside the model)
     outside: bool = False  # issued outside the model given to combined_patch(model=)
     probs: torch.Tensor | None = None  # keep="probs": (B_kept, q_len, k_len) float32, CPU
     grid: torch.Tensor | None = None  # keep="calls": (B_kept, target_T, target_F) float32, CPU
+    context: tuple[int, int] | None = None  # kind "joint": (start, stop) of the context tokens in the sequence
+    error: str | None = None  # what went wrong while recording this call (raised when maps are read)
+    note: str | None = None  # e.g. "empty" for a zero-length query or key (nothing to recompute)
 
 
 @dataclass(frozen=True)
@@ -91,16 +109,31 @@ class AttnTap:
         pool: text-token pooling per query: "mean" (over content tokens), "max", "softmax"
             (relevance-weighted, temperature ``tau``), "subset" (mean over ``tokens``), or
             None to keep per-token maps.
-        cross_ratio: the fallback that tags a call when no module context says what it is:
-            a call is "cross" when ``min(q_len, k_len) <= cross_ratio * max(q_len, k_len)``,
-            i.e. the shorter sequence is at most ``cross_ratio`` times the longer one; else
-            "self". 0 never tags a call "cross" this way, 1 tags every such call "cross".
-            Module context wins where it exists (a diffusers
-            ``Attention`` given ``encoder_hidden_states``, a stable-audio-tools ``Attention``
-            given ``context``, any module whose forward takes one of those arguments, an
-            ``nn.MultiheadAttention`` whose key is not its query).
+        cross_ratio: the last rule that tags a call (``kind_source="heuristic"``), used
+            only when no fact and no override decides: a call is "cross" when
+            ``min(q_len, k_len) <= cross_ratio * max(q_len, k_len)``, i.e. the shorter
+            sequence is at most ``cross_ratio`` times the longer one; else "self". 0 never
+            tags a call "cross" this way, 1 tags every such call "cross". The rules, in
+            order (``rec.kind_source`` names the one that decided): "args", the issuing
+            module's forward arguments (``encoder_hidden_states``, ``context``,
+            ``key_value_states``, ``cross_attention_states``, ``memory``,
+            ``encoder_outputs``...: a value means cross, None means self; an
+            ``nn.MultiheadAttention`` whose key is its query, or holds the same values, is
+            self; latent and context tokens concatenated into one call is "joint");
+            "attribute", what the module states (``is_cross_attention``, or a path ending in
+            a known cross-attention name such as ``encoder_attn``, ``EncDecAttention``,
+            ``attn2``, ``cross_attn``); "override", the tap's ``kind_rules``; "cache", a
+            module handed a cache of its own past keys is self (a one-token decode step is
+            never called cross); "heuristic", the length rule.
+        kind_rules: a user override, tried after the module's facts and before the length
+            rule: a mapping from fnmatch layer patterns to "cross"/"self" (first match wins),
+            or a callable ``(name, q_len, k_len) -> "cross" | "self" | None``.
         kinds: which kinds are recomputed and mapped ("cross", "self"); other calls get a
-            record only (nothing computed).
+            record only (nothing computed). A "joint" call feeds both: its latent-query rows
+            over the context keys (renormalised over those keys) are mapped as a cross call
+            under the layer's name, its latent block as a self call under ``name + ":self"``.
+        records: "all" (a record per call in ``tap.store``) or "selected" (records only for
+            the calls the tap selects; ``tap.counts`` still counts every call per layer).
         layers: fnmatch patterns on the layer name; calls elsewhere get a record only.
         steps: (start, stop) range of steps to capture, stop exclusive; None = all.
         kernels: which kernel shims feed this tap.
@@ -141,6 +174,8 @@ class AttnTap:
         cross_ratio: float = 0.5,
         *,
         kinds: Iterable[str] = ("cross",),
+        kind_rules: Mapping[str, str] | Callable[[str, int, int], str | None] | None = None,
+        records: str = "all",
         layers: str | Sequence[str] | None = None,
         steps: tuple[int, int] | None = None,
         kernels: Iterable[str] = KERNELS,
@@ -173,6 +208,17 @@ class AttnTap:
         self.kinds = frozenset(kinds)
         if not self.kinds <= set(KINDS):
             raise AibaError(f"kinds must be a subset of {KINDS}, got {sorted(self.kinds)}")
+        if kind_rules is not None and not callable(kind_rules):
+            if not isinstance(kind_rules, Mapping):
+                raise AibaError(f"kind_rules must be a mapping pattern -> kind or a callable, got {type(kind_rules).__name__}")
+            bad = {p: k for p, k in kind_rules.items() if not isinstance(p, str) or k not in KINDS}
+            if bad:
+                raise AibaError(f"kind_rules must map fnmatch patterns (str) to one of {KINDS}, got {bad}")
+            kind_rules = dict(kind_rules)
+        self.kind_rules = kind_rules
+        if records not in RECORDS:
+            raise AibaError(f"records must be one of {RECORDS}, got {records!r}")
+        self.records = records
         self.layers = _as_patterns(layers)
         self.steps = None if steps is None else (int(steps[0]), int(steps[1]))
         self.kernels = frozenset(kernels)
@@ -219,6 +265,8 @@ class AttnTap:
         object.__setattr__(self, key, value)
         if key in AttnTap._CACHE_FIELDS and "_wcache" in self.__dict__:
             self._wcache.clear()
+        if key == "layers" and "_selcache" in self.__dict__:
+            self._selcache.clear()
 
     def configure(self, **settings) -> "AttnTap":
         """Set several settings at once (backends call this); returns the tap."""
@@ -237,6 +285,10 @@ class AttnTap:
         self._steps: dict[int, list] = {}  # keep="steps": step -> [sum of grids, calls]
         self._order: dict[str, int] = {}
         self._warned: set = set()
+        self.counts: dict[str, int] = {}  # calls seen per layer name, recorded or not
+        self.errors: list[tuple[str, str]] = []  # (layer, message) of calls that failed to record
+        self._lattice_of: dict[str, tuple] = {}  # layer name -> first lattice it mapped on
+        self._selcache: dict[str, bool] = {}  # layer name -> matches ``layers``
 
     def next_step(self) -> int:
         """Advance the denoising-step counter (backends call this once per step)."""
@@ -257,6 +309,7 @@ class AttnTap:
     def step_maps(self) -> tuple[list[int], torch.Tensor]:
         """keep="steps": (steps, maps (S, B, T, F) on the CPU), each the mean of that step's
         captured calls (restrict which layers enter with the tap's ``layers=``)."""
+        self._raise_errors()
         if "steps" not in self.keep:
             raise AibaError('per-step maps need AttnTap(keep="steps")')
         if not self._steps:
@@ -274,13 +327,36 @@ class AttnTap:
         """The ``cross_ratio`` rule (see the class docstring)."""
         return "cross" if min(q_len, k_len) <= self.cross_ratio * max(q_len, k_len) else "self"
 
+    def override_kind(self, name: str | None, q_len: int, k_len: int) -> str | None:
+        """The tap's ``kind_rules`` for this call, or None when they say nothing."""
+        rules = self.kind_rules
+        if rules is None:
+            return None
+        if callable(rules):
+            kind = rules(name, q_len, k_len)
+            if kind is not None and kind not in KINDS:
+                raise AibaError(f"layer {name!r}: kind_rules returned {kind!r}, expected one of {KINDS} or None")
+            return kind
+        if name is None:
+            return None
+        for pattern, kind in rules.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return kind
+        return None
+
     def _selected(self, name: str, kind: str) -> bool:
-        if kind not in self.kinds:
+        if kind == "joint":
+            if not self.kinds:
+                return False
+        elif kind not in self.kinds:
             return False
         if self.steps is not None and not self.steps[0] <= self.step < self.steps[1]:
             return False
-        if self.layers is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.layers):
-            return False
+        if self.layers is not None:
+            hit = self._selcache.get(name)
+            if hit is None:
+                hit = self._selcache[name] = any(fnmatch.fnmatchcase(name, p) for p in self.layers)
+            return hit
         return True
 
     def _batch_rows(self, b: int, name: str) -> slice | None:
@@ -316,22 +392,87 @@ class AttnTap:
         return hit
 
     # --------------------------------------------------------------- capture
-    def _on_call(self, kernel: str, name: str | None, kind: str, kind_source: str, x: AttnInputs,
-                 outside: bool = False) -> CallRecord | None:
-        """Called by the shims for every attention call (after the kernel ran).
+    def _record(self, kernel: str, name: str | None, kind: str, kind_source: str, shape: tuple[int, int, int, int],
+                outside: bool = False, context: tuple[int, int] | None = None) -> CallRecord | None:
+        """Decide and note one call before anything is computed for it. Returns its record
+        (``captured`` True when the tap selected it for recompute), or None when the tap
+        keeps no record for it (``records="selected"``)."""
+        b, h, lq, lk = shape
+        name = name if name is not None else self._auto_name(kernel)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        selected = not outside and self._selected(name, kind)
+        if not selected and self.records == "selected":
+            return None
+        rec = CallRecord(name, kernel, kind, self.step, lq, lk, h, b, len(self.store), kind_source, outside=outside,
+                         context=context)
+        self.store.append(rec)
+        if not selected or not self.computes:
+            rec.captured = selected
+            return rec  # a record is all that was asked for: nothing to recompute
+        if lq == 0 or lk == 0:
+            rec.captured, rec.note = False, "empty"  # the kernel returned its result; no probabilities exist
+        return rec
 
-        ``outside``: the tap was given a model and the call came from elsewhere (a text
-        encoder, the VAE): it is recorded, never recomputed.
+    @property
+    def computes(self) -> bool:
+        """Whether a selected call is recomputed (probabilities kept or maps made)."""
+        return "probs" in self.keep or self.latent_shape is not None
+
+    def _capture(self, kernel: str, rec: CallRecord, x: AttnInputs) -> None:
+        """Recompute a selected call. A joint call is split: latent-query rows over the
+        context keys go to the cross map (a softmax over those keys only, i.e. renormalised
+        rows), its latent block to the self map (layer ``name + ":self"``)."""
+        if rec.kind != "joint":
+            self._on_call(kernel, rec.name, rec.kind, rec.kind_source, x, rec.outside, rec=rec)
+            return
+        start, stop = rec.context
+        lq = x.shape[2]
+        latent = slice(stop, lq) if start == 0 else slice(0, start)
+        target = rec
+        if "cross" in self.kinds:
+            self._on_call(kernel, rec.name, "cross", rec.kind_source, _block(x, latent, slice(start, stop)), rec=rec)
+            target = dataclasses.replace(rec)  # the self part must not overwrite the record's cross results
+        if "self" in self.kinds:
+            target.name = rec.name + ":self"
+            self._on_call(kernel, target.name, "self", rec.kind_source, _block(x, latent, latent), rec=target)
+            rec.lattice = rec.lattice or target.lattice
+            if rec.probs is None:
+                rec.probs = target.probs
+
+    def _fail(self, rec: CallRecord | None, name: str | None, exc: BaseException) -> None:
+        """Something went wrong while recording a call (after the kernel ran): note it on the
+        record, warn once per layer; ``maps()`` raises it."""
+        msg = f"{type(exc).__name__}: {exc}"
+        if rec is not None:
+            rec.error, rec.captured = msg, False
+            name = rec.name
+        self.errors.append((str(name), msg))
+        key = ("error", name)
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"layer {name!r}: attention call not recorded ({msg}); the forward was not affected, "
+                          "maps() will raise", AibaWarning, stacklevel=4)
+
+    def _lattice_name(self, name: str, lattice: tuple) -> str:
+        """A module issuing calls on several lattices gets one layer per lattice: the first
+        keeps its name, later ones are named ``name@T'xF'``."""
+        first = self._lattice_of.setdefault(name, lattice)
+        return name if first == lattice else f"{name}@{'x'.join(str(v) for v in lattice)}"
+
+    def _on_call(self, kernel: str, name: str | None, kind: str, kind_source: str, x: AttnInputs,
+                 outside: bool = False, rec: CallRecord | None = None) -> CallRecord | None:
+        """Recompute one call the tap selected (``rec`` from :meth:`_record`); without
+        ``rec`` the call is recorded first. ``outside``: the tap was given a model and the
+        call came from elsewhere (a text encoder, the VAE): it is recorded, never recomputed.
         """
         if kernel not in self.kernels:
             return None
+        if rec is None:
+            rec = self._record(kernel, name, kind, kind_source, x.shape, outside)
+            if rec is None or not rec.captured:
+                return rec
+        name = rec.name if name is None else name
         b, h, lq, lk = x.shape
-        name = name if name is not None else self._auto_name(kernel)
-        rec = CallRecord(name, kernel, kind, self.step, lq, lk, h, b, len(self.store), kind_source, outside=outside)
-        self.store.append(rec)
-        if outside or not self._selected(name, kind):
-            rec.captured = False
-            return rec
         keep_probs = "probs" in self.keep
         mapped = self.latent_shape is not None
         if not (keep_probs or mapped):
@@ -363,6 +504,7 @@ class AttnTap:
                 values = received[:, p:] / lq  # (B, N): mean attention received, keys = lattice cells
             n = values.shape[-1]
             rec.lattice = mapping.find_lattice(n, self.latent_shape, name=name, extra=self.lattices)
+            name = self._lattice_name(name, rec.lattice)
             lattice_map = mapping.to_lattice(values, rec.lattice)  # (B, [Lk,] T', F')
             if not ({"calls", "steps"} & self.keep or self.aggregate == "max"):
                 # resizing is linear: a weighted mean of resized maps is the resized weighted mean,
@@ -425,6 +567,7 @@ class AttnTap:
         ``layers`` restricts which layers enter (fnmatch patterns or a predicate), e.g. one
         text stream. ``layer_weights`` overrides the tap's weights with layer-learned ones.
         """
+        self._raise_errors()
         if self.latent_shape is None:
             raise AibaError("the tap has no latent_shape, so no maps were made; set latent_shape=(T, F) or (T,)")
         if callable(layers):
@@ -471,6 +614,12 @@ class AttnTap:
             steps=len(set().union(*(a.steps for a in accs.values()))),
             calls=sum(a.calls for a in accs.values()),
         )
+
+    def _raise_errors(self) -> None:
+        if self.errors:
+            layers = sorted({n for n, _ in self.errors})
+            raise AibaError(f"{len(self.errors)} attention call(s) could not be recorded (layers {layers[:4]}"
+                            f"{'...' if len(layers) > 4 else ''}); first: {self.errors[0][1]}")
 
     def __repr__(self) -> str:
         return (f"AttnTap(target={self.target_T}x{self.target_F}, pool={self.pool!r}, kinds={sorted(self.kinds)}, "
