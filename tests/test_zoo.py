@@ -890,3 +890,27 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     print(markdown_table([zoo_row(n) for n in ZOO]))
+
+
+@pytest.mark.parametrize("name, fused_calls", [("encoder_eval_fastpath", 2), ("transformer_eval", 1)])
+def test_fast_path_rows_keep_the_fused_path(name, fused_calls, monkeypatch):
+    """The eval rows are only worth their name if the fused encoder layer really runs, with
+    the block as without it."""
+    from aiba import AttnTap, combined_patch
+
+    fused = torch._transformer_encoder_layer_fwd
+    count = [0]
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", counting)
+    case = ZOO[name][1]()
+    with torch.no_grad():
+        case.run()
+    assert count[0] == fused_calls
+    tap = AttnTap(kinds=("cross", "self"), keep="probs")
+    with combined_patch(tap, model=case.model), torch.no_grad():
+        case.run()
+    assert count[0] == 2 * fused_calls
