@@ -71,18 +71,38 @@ def active_taps() -> tuple[AttnTap, ...]:
 
 
 # ------------------------------------------------------------------ call context
-def _issuer(frame) -> tuple[nn.Module | None, tuple, dict]:
+def _issuer(frame, found: list | None = None) -> tuple[nn.Module | None, tuple, dict]:
     """The module whose forward is running at ``frame`` (the ``self`` of the nearest
     ``nn.Module._call_impl`` frame) and the arguments it was called with. A helper method of
-    a parent module, called from a child's forward, is attributed to the child."""
+    a parent module, called from a child's forward, is attributed to the child.
+    ``found``, if given, receives that frame (to look at the parent's call on demand)."""
     for _ in range(_MAX_FRAMES):
         if frame is None:
             break
         if frame.f_code is _CALL_IMPL:
             loc = frame.f_locals
+            if found is not None:
+                found.append(frame)
             return loc.get("self"), loc.get("args", ()), loc.get("kwargs") or {}
         frame = frame.f_back
     return None, (), {}
+
+
+def _single_stream_span(frame, module, lq: int, lk: int) -> tuple[int, int] | None:
+    """Flux-style single-stream blocks concatenate context and latent tokens *before*
+    calling their attention module (``pre_only=True``, no context argument): the joint span
+    is read from the parent block's own ``hidden_states`` / ``encoder_hidden_states``."""
+    if frame is None or lq != lk or getattr(module, "pre_only", None) is not True:
+        return None
+    parent, args, kwargs = _issuer(frame.f_back)
+    if parent is None:
+        return None
+    sig = _sig(type(parent))
+    for name in sig.context:
+        ctx = _arg(sig, args, kwargs, name)
+        if isinstance(ctx, torch.Tensor):
+            return _joint_span(parent, sig, args, kwargs, ctx, lq, lk)
+    return None
 
 
 @dataclass(frozen=True)
@@ -144,7 +164,7 @@ def _joint_span(module: nn.Module, sig: _Sig, args, kwargs, ctx, lq: int, lk: in
     return (0, m) if first else (n, n + m)
 
 
-def module_kind(module: nn.Module | None, args: tuple, kwargs: dict, lq: int, lk: int):
+def module_kind(module: nn.Module | None, args: tuple, kwargs: dict, lq: int, lk: int, frame=None):
     """Kind from the facts of the issuing module, in order: its forward arguments
     (CONTEXT_ARGS: a value -> "cross" or "joint", None -> "self"), then its
     ``is_cross_attention`` attribute. Returns (kind, source, context span) or
@@ -156,7 +176,8 @@ def module_kind(module: nn.Module | None, args: tuple, kwargs: dict, lq: int, lk
     for name in sig.context:
         v = _arg(sig, args, kwargs, name)
         if v is None:
-            return "self", "args", None
+            span = _single_stream_span(frame, module, lq, lk)
+            return ("joint", "args", span) if span is not None else ("self", "args", None)
         if v is not _ABSENT:
             span = _joint_span(module, sig, args, kwargs, v, lq, lk)
             return ("joint", "args", span) if span is not None else ("cross", "args", None)
@@ -226,14 +247,14 @@ def _dispatch(kernel: str, frame, probe: torch.Tensor, size: Callable, build: Ca
         _UNSEEN["traced"] += 1
         return
     try:
-        args, kwargs = (), {}
+        args, kwargs, found = (), {}, []
         if module is None:
-            module, args, kwargs = _issuer(frame)
+            module, args, kwargs = _issuer(frame, found)
         b, h, lq, lk = size(module)
         if fixed is not None:
             kind, source, span = fixed[0], fixed[1], None
         else:
-            kind, source, span = module_kind(module, args, kwargs, lq, lk)
+            kind, source, span = module_kind(module, args, kwargs, lq, lk, found[0] if found else None)
     except Exception as e:  # the kernel ran; report, never raise
         for tap in taps:
             _fail(tap, None, kernel, e)

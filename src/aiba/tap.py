@@ -22,7 +22,7 @@ import torch
 
 from . import mapping
 from .errors import AibaError, AibaWarning
-from .probs import AttnInputs, head_mean_chunks
+from .probs import AttnInputs, head_mean_chunks, head_mean_probs
 
 
 def _block(x: AttnInputs, rows: slice, cols: slice) -> AttnInputs:
@@ -419,25 +419,32 @@ class AttnTap:
         return "probs" in self.keep or self.latent_shape is not None
 
     def _capture(self, kernel: str, rec: CallRecord, x: AttnInputs) -> None:
-        """Recompute a selected call. A joint call is split: latent-query rows over the
-        context keys go to the cross map (a softmax over those keys only, i.e. renormalised
-        rows), its latent block to the self map (layer ``name + ":self"``)."""
+        """Recompute a selected call. A joint call's record keeps the probabilities of the
+        whole call (keep="probs"); its maps come from two blocks: latent-query rows over the
+        context keys (a softmax over those keys only, i.e. rows renormalised over the
+        context) as a cross call under the layer's name, and the latent block (renormalised
+        over the latent keys) as a self call under ``name + ":self"``."""
         if rec.kind != "joint":
             self._on_call(kernel, rec.name, rec.kind, rec.kind_source, x, rec.outside, rec=rec)
+            return
+        if "probs" in self.keep:
+            rows = self._batch_rows(x.shape[0], rec.name)
+            rec.probs = head_mean_probs(x.select_batch(rows), self.budget_bytes).cpu()  # (B, L, L)
+        if self.latent_shape is None:
             return
         start, stop = rec.context
         lq = x.shape[2]
         latent = slice(stop, lq) if start == 0 else slice(0, start)
-        target = rec
+        parts = []
         if "cross" in self.kinds:
-            self._on_call(kernel, rec.name, "cross", rec.kind_source, _block(x, latent, slice(start, stop)), rec=rec)
-            target = dataclasses.replace(rec)  # the self part must not overwrite the record's cross results
+            parts.append(("cross", rec.name, slice(start, stop)))
         if "self" in self.kinds:
-            target.name = rec.name + ":self"
-            self._on_call(kernel, target.name, "self", rec.kind_source, _block(x, latent, latent), rec=target)
-            rec.lattice = rec.lattice or target.lattice
-            if rec.probs is None:
-                rec.probs = target.probs
+            parts.append(("self", rec.name + ":self", latent))
+        for kind, name, cols in parts:
+            part = dataclasses.replace(rec, name=name, probs=None)
+            self._on_call(kernel, name, kind, rec.kind_source, _block(x, latent, cols), rec=part)
+            if rec.lattice is None:
+                rec.lattice, rec.grid = part.lattice, part.grid
 
     def _fail(self, rec: CallRecord | None, name: str | None, exc: BaseException) -> None:
         """Something went wrong while recording a call (after the kernel ran): note it on the
