@@ -13,9 +13,9 @@ call whose output is checked against the kernel's before its probabilities are u
 A row holds when the calls aiba recorded per module equal the reference's, the largest
 probability error is <= 1e-5, every call carries the tag the model really computes (and the
 head count the reference has), and the output inside the block is bit-identical to the
-output outside it. A joint call (SD3) is recorded as its cross part: latent-query rows over
-the context keys, renormalised over those keys; the reference's full matrix is cut and
-renormalised the same way, and the record's context span must be the text tokens' span.
+output outside it. A joint call (SD3) keeps the probabilities of the whole
+(latent + text) x (latent + text) call, compared whole; its record's context span must be
+the text tokens' span.
 
 Fully masked query rows (a left-padded causal prefill's padding queries) are zeros in aiba
 by design, while eager attention spreads them uniformly over the masked keys; likewise
@@ -96,16 +96,6 @@ def _flat(out) -> list:
     return []
 
 
-def _joint_cross(p: torch.Tensor, context: tuple[int, int]) -> torch.Tensor:
-    """The cross part of a joint call from its full probabilities (B, H, L, L): latent-query
-    rows over the context keys, renormalised over those keys per head, then the head mean."""
-    start, stop = context
-    lat = torch.ones(p.shape[-2], dtype=torch.bool)
-    lat[start:stop] = False
-    block = p[:, :, lat, start:stop]  # (B, H, N_latent, N_context)
-    return (block / block.sum(dim=-1, keepdim=True)).mean(dim=1)
-
-
 def evaluate(name: str, family: str, case: Case) -> ZooRow:
     """Run one case three ways and compare (see the module docstring)."""
     from aiba import AttnTap, combined_patch
@@ -141,7 +131,6 @@ def evaluate(name: str, family: str, case: Case) -> ZooRow:
         for rec, ref in zip(seen.get(path, []), rs):
             want = ref.probs.double().mean(dim=1)  # (B, Lq, Lk)
             if case.kind(path) == "joint":
-                want = _joint_cross(ref.probs.double(), case.context)
                 if rec.context is None or tuple(rec.context) != case.context:
                     problems.append(f"{path}: context span {rec.context}, expected {case.context}")
             if rec.probs is None or tuple(rec.probs.shape) != tuple(want.shape):
