@@ -903,3 +903,13 @@ def test_fast_path_rows_keep_the_fused_path(name, fused_calls, monkeypatch):
     with combined_patch(tap, model=case.model), torch.no_grad():
         case.run()
     assert count[0] == 2 * fused_calls
+
+
+def test_readme_lists_every_zoo_model():
+    """The README's "Tested models" table has a row for each model of the zoo."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Tested models", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")}
+    assert {desc for _, _, desc, _ in ZOO.values()} <= rows
