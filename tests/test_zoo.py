@@ -23,7 +23,8 @@ by design, while eager attention spreads them uniformly over the masked keys; li
 computes no attention for padding queries at all. Such rows must be zeros in aiba; they are
 excluded from the error and counted in the ``masked rows`` column.
 
-``python tests/test_zoo.py`` prints the table of the README's "Tested models" section.
+``python tests/test_zoo.py`` prints the table of the README's "Tested models" section
+(``--write-readme`` also puts it there).
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def evaluate(name: str, family: str, case: Case) -> ZooRow:
     refs = case.reference()
 
     recs = [r for r in tap.store if not r.outside]
-    problems = []
+    problems = [f"{r.name}: {r.error}" for r in tap.store if getattr(r, "error", None)]
     if len(recs) != len(tap.store):
         problems.append(f"{len(tap.store) - len(recs)} call(s) attributed outside the model")
     by_path: dict = {}
@@ -520,6 +521,43 @@ def clip_text() -> Case:
                 note="causal with right padding")
 
 
+def bert_decoder_cross() -> Case:
+    from transformers import BertConfig, BertModel
+    from transformers.models.bert.modeling_bert import BertCrossAttention, BertSelfAttention
+
+    model = _hf(BertModel, BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=32, max_position_embeddings=32, is_decoder=True,
+                                      add_cross_attention=True))
+    g = torch.Generator().manual_seed(26)
+    ids, enc = _ids(g, 2, 8), torch.randn(2, 10, 16, generator=g)
+    emask = torch.ones(2, 10, dtype=torch.long)
+    emask[1, 7:] = 0
+
+    def run(**kw):
+        return model(input_ids=ids, encoder_hidden_states=enc, encoder_attention_mask=emask, **kw)
+
+    return Case(model, lambda: run().last_hidden_state,
+                lambda: hf_reference(model, lambda: run(output_attentions=True), (BertSelfAttention, BertCrossAttention)),
+                kinds_by(("crossattention", "cross")), note="causal decoder, 8 queries over 10 masked encoder states")
+
+
+def gpt2_cross() -> Case:
+    from transformers import GPT2Config, GPT2Model
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    model = _hf(GPT2Model, GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                      add_cross_attention=True))
+    g = torch.Generator().manual_seed(27)
+    ids, enc = _ids(g, 2, 7), torch.randn(2, 9, 16, generator=g)
+
+    def run(**kw):
+        return model(input_ids=ids, encoder_hidden_states=enc, **kw)
+
+    return Case(model, lambda: run().last_hidden_state,
+                lambda: hf_reference(model, lambda: run(output_attentions=True), GPT2Attention),
+                kinds_by(("crossattention", "cross")), note="7 queries over 9 encoder states")
+
+
 # ------------------------------------------------------------------ diffusers rows
 
 
@@ -640,6 +678,25 @@ def stable_audio_dit() -> Case:
 
     return Case(model, run, lambda: eager_sdpa_reference(model, run, Attention), kinds_by(("attn2", "cross")),
                 note="GQA 4/2 with rotary self-attention, 1 global token prepended")
+
+
+def flux_joint() -> Case:
+    from diffusers import FluxTransformer2DModel
+
+    model = _seeded(lambda: FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                                   pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)))
+    g = torch.Generator().manual_seed(28)
+    inputs = dict(hidden_states=torch.randn(2, 16, 4, generator=g), encoder_hidden_states=torch.randn(2, 5, 16, generator=g),
+                  pooled_projections=torch.randn(2, 8, generator=g), timestep=torch.tensor([0.5, 0.5]),
+                  img_ids=torch.randn(16, 3, generator=g), txt_ids=torch.zeros(5, 3))
+
+    def run():
+        return model(**inputs).sample
+
+    attn_types = tuple({type(m) for m in model.modules() if type(m).__name__.endswith("Attention")})
+    return Case(model, run, lambda: eager_sdpa_reference(model, run, attn_types), kinds_by(default="joint"),
+                note="5 text + 16 latent tokens, double- and single-stream blocks", context=(0, 5))
 
 
 # ------------------------------------------------------------------ torch rows
@@ -783,6 +840,21 @@ def transformer_eval() -> Case:
     return _transformer(False)
 
 
+def encoder_compiled() -> Case:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True, norm_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    compiled = torch.compile(model, backend="eager")
+    x, _ = _layer_inputs(29)
+    causal = nn.Transformer.generate_square_subsequent_mask(7)
+
+    def run():
+        return compiled(x, mask=causal)
+
+    return Case(compiled, run, lambda: mha_reference(model, lambda: model(x, mask=causal)), kinds_by(),
+                note='torch.compile(backend="eager"), causal mask')
+
+
 # ------------------------------------------------------------------ the table
 
 # name -> (family, builder, model description, xfail reason while a capture fix is pending, else None)
@@ -796,12 +868,16 @@ ZOO = {
     "llama_masked_decode": ("transformers", llama_masked_decode, "LlamaModel, GQA 4/2, masked cached decode", None),
     "mistral_sliding_window": ("transformers", mistral_sliding_window,
                                "MistralModel, sliding window 4, masked cached decode", None),
+    "bert_decoder_cross": ("transformers", bert_decoder_cross, "BertModel decoder, cross-attention + encoder mask",
+                           None),
+    "gpt2_cross": ("transformers", gpt2_cross, "GPT2Model, cross-attention", None),
     "vit": ("transformers", vit, "ViTModel", None),
     "clip_text": ("transformers", clip_text, "CLIPTextModel, causal + padding", None),
     "unet_encoder_mask": ("diffusers", unet_encoder_mask, "UNet2DConditionModel, encoder_attention_mask", None),
     "transformer2d": ("diffusers", transformer2d, "Transformer2DModel, continuous input", None),
     "dit": ("diffusers", dit, "DiTTransformer2DModel", None),
     "sd3_joint": ("diffusers", sd3_joint, "SD3Transformer2DModel, joint attention", None),
+    "flux_joint": ("diffusers", flux_joint, "FluxTransformer2DModel, joint attention (double + single stream)", None),
     "audioldm2_unet": ("diffusers", audioldm2_unet, "AudioLDM2UNet2DConditionModel, two text streams", None),
     "stable_audio_dit": ("diffusers", stable_audio_dit, "StableAudioDiTModel, GQA + rotary", None),
     "mha_self_padding": ("torch", mha_self_padding, "nn.MultiheadAttention self, key padding", None),
@@ -811,6 +887,7 @@ ZOO = {
     "encoder_eval_fastpath": ("torch", encoder_eval_fastpath, "nn.TransformerEncoder, eval + no_grad (fast path)",
                               None),
     "encoder_train_padding": ("torch", encoder_train_padding, "nn.TransformerEncoder, train, padding", None),
+    "encoder_compiled": ("torch", encoder_compiled, 'nn.TransformerEncoder, torch.compile(backend="eager")', None),
     "decoder_causal": ("torch", decoder_causal, "nn.TransformerDecoder, causal + memory", None),
     "transformer_train": ("torch", transformer_train, "nn.Transformer, train", None),
     "transformer_eval": ("torch", transformer_eval, "nn.Transformer, eval + no_grad (nested fast path)", None),
@@ -873,8 +950,32 @@ def markdown_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def write_readme_table(table: str, readme) -> None:
+    """Replace the table of the README's "Tested models" section with ``table``."""
+    from aiba.atomic import atomic_write
+
+    text = readme.read_text()
+    head, rest = text.split("## Tested models", 1)
+    section, sep, tail = rest.partition("\n## ")
+    lines = section.split("\n")
+    rows = [i for i, line in enumerate(lines) if line.startswith("|")]
+    if not rows:
+        raise SystemExit(f"{readme}: no table under 'Tested models'")
+    lines[rows[0]: rows[-1] + 1] = table.split("\n")
+    atomic_write(readme, head + "## Tested models" + "\n".join(lines) + sep + tail)
+
+
 if __name__ == "__main__":
+    import sys
     import warnings
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    table = markdown_table([zoo_row(n) for n in ZOO])
+    print(table)
+    if "--write-readme" in sys.argv:
+        write_readme_table(table, Path(__file__).resolve().parents[1] / "README.md")
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
