@@ -748,10 +748,6 @@ def mha_detr() -> Case:
     g = torch.Generator().manual_seed(19)
     x, pos = torch.randn(2, 10, 16, generator=g), torch.randn(1, 10, 16, generator=g)
 
-    def call(a, x, pos):
-        qk = x + pos
-        return a(qk, qk, x, need_weights=False)[0]
-
     def call_detr(a, x, pos):  # DETR writes the sum twice: equal tensors, not the same object
         return a(x + pos, x + pos, x, need_weights=False)[0]
 
@@ -979,23 +975,6 @@ def write_readme_table(table: str, readme) -> None:
     atomic_write(readme, head + "## Tested models" + "\n".join(lines) + sep + tail)
 
 
-if __name__ == "__main__":
-    import sys
-    import warnings
-    from pathlib import Path
-
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    table = markdown_table([zoo_row(n) for n in ZOO])
-    print(table)
-    if "--write-readme" in sys.argv:
-        write_readme_table(table, Path(__file__).resolve().parents[1] / "README.md")
-
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    print(markdown_table([zoo_row(n) for n in ZOO]))
-
-
 @pytest.mark.parametrize("name, fused_calls", [("encoder_eval_fastpath", 2), ("transformer_eval", 1)])
 def test_fast_path_rows_keep_the_fused_path(name, fused_calls, monkeypatch):
     """The eval rows are only worth their name if the fused encoder layer really runs, with
@@ -1028,3 +1007,16 @@ def test_readme_lists_every_zoo_model():
     section = readme.split("## Tested models", 1)[1].split("\n## ", 1)[0]
     rows = {line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")}
     assert {desc for _, _, desc, _ in ZOO.values()} <= rows
+
+
+if __name__ == "__main__":
+    import sys
+    import warnings
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    table = markdown_table([zoo_row(n) for n in ZOO])
+    print(table)
+    if "--write-readme" in sys.argv:
+        write_readme_table(table, Path(__file__).resolve().parents[1] / "README.md")
