@@ -652,15 +652,20 @@ _PATCHED: dict[str, Any] = {"depth": 0, "stack": None, "targets": []}
 @contextmanager
 def _eager_compiled() -> Iterator[None]:
     """Compiled code runs its eager original inside the block, so the shims see real calls
-    with concrete sizes (``torch.compiler.set_stance("force_eager")``); the calls traced
-    anyway (a stance set inside the block, torch.export) are counted and warned about once."""
-    seen = _UNSEEN["traced"]
+    with concrete sizes (``torch.compiler.set_stance("force_eager")``). What is traced anyway
+    (a stance set inside the block, torch.export) passes through the shims uncaptured: aiba
+    counts those calls (fake/functional inputs) and the graphs Dynamo compiled, and warns once."""
+    from torch._dynamo.utils import counters
+
+    calls, graphs = _UNSEEN["traced"], counters["stats"]["unique_graphs"]
     with torch.compiler.set_stance("force_eager"):
         yield
-    missed = _UNSEEN["traced"] - seen
-    if missed:
-        warnings.warn(f"{missed} attention call(s) ran while torch.compile/export was tracing and were not captured; "
-                      "aiba captures compiled models by running them eagerly inside the block", AibaWarning, stacklevel=3)
+    calls, graphs = _UNSEEN["traced"] - calls, counters["stats"]["unique_graphs"] - graphs
+    if calls or graphs:
+        warnings.warn(f"{calls} attention call(s) seen only while tracing and {graphs} graph(s) compiled by torch.compile "
+                      "inside the block: attention inside them was not captured (aiba captures compiled models by "
+                      "running them eagerly inside the block; do not change the compile stance there)",
+                      AibaWarning, stacklevel=3)
 
 
 @contextmanager

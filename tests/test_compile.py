@@ -1,0 +1,95 @@
+"""torch.compile inside the block: the compiled model runs its eager original, outputs are
+identical to the uncompiled run under the same block, each call recorded once with real
+tensors and concrete sizes, named by module path."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aiba import AttnTap, combined_patch
+from aiba.errors import AibaWarning
+
+
+class _Attn(nn.Module):
+    def __init__(self, d=16, h=2):
+        super().__init__()
+        self.h = h
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x, context=None):
+        ctx = x if context is None else context
+        b = x.shape[0]
+        split = lambda t: t.view(b, -1, self.h, t.shape[-1] // self.h).transpose(1, 2)  # (B, H, L, hd)
+        o = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(ctx)), split(self.v(ctx)))
+        return o.transpose(1, 2).reshape(b, -1, x.shape[-1])
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn1, self.attn2 = _Attn(), _Attn()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x, text):
+        x = x + self.attn1(x)
+        x = x + self.attn2(x, context=text)
+        return x + self.mha(x, text, text, need_weights=False)[0]
+
+
+def _run(model, x, text, tap):
+    with torch.no_grad(), combined_patch(tap, model=model):
+        return model(x, text)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+@pytest.mark.parametrize("warm", [False, True])
+def test_compiled_model_captured_once_with_real_tensors(backend, warm):
+    if backend == "inductor":
+        pytest.importorskip("triton", reason=None) if torch.cuda.is_available() else None
+    torch._dynamo.reset()  # cold cache
+    torch.manual_seed(0)
+    model = _Model().eval()
+    x, text = torch.randn(2, 8, 16), torch.randn(2, 5, 16)
+    ref_tap = AttnTap(kinds=("cross", "self"), keep="probs")
+    expected = _run(model, x, text, ref_tap)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    if warm:
+        with torch.no_grad():
+            compiled(x, text)  # compiled before the block
+    tap = AttnTap(kinds=("cross", "self"), keep="probs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", category=AibaWarning)  # no "calls not captured" warning
+        out = _run(compiled, x, text, tap)
+    assert torch.equal(out, expected)
+    got = [(r.name, r.kind, r.q_len, r.k_len, r.outside) for r in tap.store]
+    assert got == [(r.name, r.kind, r.q_len, r.k_len, r.outside) for r in ref_tap.store]
+    assert [r.name for r in tap.store] == ["attn1", "attn2", "mha"]
+    for r, e in zip(tap.store, ref_tap.store):
+        assert type(r.probs) is torch.Tensor and isinstance(r.k_len, int) and isinstance(r.q_len, int)
+        assert torch.equal(r.probs, e.probs)
+    # after the block the compiled model runs compiled again, unchanged
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, text), model(x, text))
+
+
+def test_traced_calls_are_counted_and_warned_once():
+    """A stance set inside the block lets Dynamo trace the shim: it passes through, the
+    model runs unchanged, and aiba warns with the number of calls it could not see."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Model().eval()
+    x, text = torch.randn(2, 8, 16), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = model(x, text)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    tap = AttnTap(kinds=("cross", "self"), keep="probs")
+    with pytest.warns(Warning, match="not captured"), torch.no_grad(), combined_patch(tap, model=model):
+        with torch.compiler.set_stance("default"):
+            out = compiled(x, text)
+    torch.testing.assert_close(out, expected)
+    assert all(type(r.probs) is torch.Tensor for r in tap.store)
