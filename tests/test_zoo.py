@@ -177,7 +177,7 @@ def hf_reference(model: nn.Module, run_eager: Callable[[], object], attn_types) 
         def hook(mod, args, res, path=path):
             w = res[-1] if isinstance(res, tuple) else None
             assert isinstance(w, torch.Tensor) and w.dim() == 4, f"{path}: no eager weights returned"
-            out.append(RefCall(path, w.detach()))
+            out.append(RefCall(path, w))
         handles.append(m.register_forward_hook(hook))
     model.set_attn_implementation("eager")
     try:
@@ -187,8 +187,9 @@ def hf_reference(model: nn.Module, run_eager: Callable[[], object], attn_types) 
         model.set_attn_implementation("sdpa")
         for h in handles:
             h.remove()
-    n_out = sum(len(v) for k, v in res.items() if k.endswith("attentions") and v is not None)
-    assert n_out == len(out), f"output_attentions returned {n_out} maps, modules returned {len(out)}"
+    returned = [t for k, v in res.items() if k.endswith("attentions") and v is not None for t in v]
+    assert sorted(map(id, returned)) == sorted(id(r.probs) for r in out), (
+        f"output_attentions returned {len(returned)} maps, not the {len(out)} the attention modules returned")
     return out
 
 
