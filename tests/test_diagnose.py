@@ -231,3 +231,22 @@ def test_diagnose_delegated_kernel_call_is_not_escaped():
     assert d.attention_modules == 3 and d.attention_module_runs == 3 * 2
     assert {c.name for c in d.calls} == {"blocks.0.kernel", "blocks.1.kernel"} and d.calls_seen == 4
     assert d.escaped == 2 and d.escaped_modules == ["extra"]
+
+
+def test_diagnose_encoder_layer_attention_without_self_attn_is_escaped():
+    """A TransformerEncoderLayer that computes attention without calling its self_attn (as
+    the fused path does) counts as a run of self_attn; with no call recorded, it escaped."""
+    from torch import nn
+
+    from aiba.backends.generic import GenericBackend
+
+    class HandLayer(nn.TransformerEncoderLayer):
+        def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+            return src + torch.softmax(src @ src.transpose(-1, -2), dim=-1) @ src
+
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(HandLayer(16, 2, dim_feedforward=32, batch_first=True), 2,
+                                  enable_nested_tensor=False).eval()
+    d = diagnose(GenericBackend(model, (torch.randn(2, 8, 16),), latent_shape=(8,)), steps=2)
+    assert d.attention_modules == 2 and d.attention_module_runs == 2 * 2 and d.calls_seen == 0
+    assert d.escaped == 4 and d.escaped_modules == ["layers.0.self_attn", "layers.1.self_attn"]
