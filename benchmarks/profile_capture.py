@@ -1,7 +1,7 @@
 """Where the capture time goes: aiba-cross (or aiba-all) against the uncaptured forward.
 
 Times each stage of the capture path per forward by wrapping the functions it calls (only
-inside this script): the frame walk that names the calling module (``_caller_module``),
+inside this script): the lookup of the issuing module (``_issuer``),
 building the canonical inputs (``_sdpa_inputs``), the probability recompute
 (``head_mean_chunks``: matmul + softmax + head mean), token pooling (``pool_queries``),
 lattice search (``find_lattice``), bilinear resize (``resize``) and the fold into the
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
             t_cap.append(bench._timed_forward(cap, dev))
         # staged run (the wrappers add a little time of their own)
         with contextlib.ExitStack() as st:
-            st.enter_context(timer.wrap(patch, "_caller_module", "frame walk (_caller_module)"))
+            st.enter_context(timer.wrap(patch, "_issuer", "issuing module (_issuer)"))
             st.enter_context(timer.wrap(patch, "_sdpa_inputs", "canonical inputs (_sdpa_inputs)"))
             st.enter_context(timer.wrap(tapmod, "head_mean_chunks", "recompute (matmul+softmax+head mean)", generator=True))
             st.enter_context(timer.wrap(mapping, "pool_queries", "token pooling"))

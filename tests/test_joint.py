@@ -138,3 +138,40 @@ def test_planted_joint_attention_lands_on_its_cell():
     for b in range(2):
         flat = grid[b].flatten()
         assert int(flat.argmax()) == i and flat[i] > 0.99
+
+
+def test_added_kv_keys_joint_exact(kernel_inputs):
+    """diffusers' added-KV processors: latent queries over [context; latent] keys. The cross
+    map is the queries over the context keys only (renormalised), the self map over the
+    latent keys."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 16), layers_per_block=1,
+        down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "SimpleCrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8).eval()
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 16, generator=g)
+    with torch.no_grad():
+        expected = unet(x, torch.tensor([3]), encoder_hidden_states=ctx).sample
+    refs, mp = kernel_inputs
+    mp.undo()
+    kw = dict(keep=("probs", "calls"), pool=None, latent_shape=(8, 8), target_T=8, target_F=8)
+    cross, self_ = AttnTap(kinds=("cross",), **kw), AttnTap(kinds=("self",), **kw)
+    with torch.no_grad(), combined_patch(cross, self_, model=unet):
+        out = unet(x, torch.tensor([3]), encoder_hidden_states=ctx).sample
+    assert torch.equal(out, expected)
+    assert [(r.kind, r.context, r.k_len - r.q_len) for r in cross.store] == [("joint", (0, 6), 6)] * 4
+    assert len(refs) == 4
+    for (q, k, mask), rc, rs in zip(refs, cross.store, self_.store):
+        lq, lk = q.shape[2], k.shape[2]
+        rows, full = slice(0, lq), slice(0, lk)
+        assert (rc.probs.double() - _block_probs(q, k, rows, full, mask)).abs().max() < 1e-6
+        t = f = int(lq ** 0.5)
+        ref_c = _block_probs(q, k, rows, slice(0, 6), mask)  # (B, Lq, 6)
+        assert (rc.grid.double() - torch.nn.functional.interpolate(
+            ref_c.transpose(1, 2).reshape(2, 6, t, f), size=(8, 8), mode="bilinear", align_corners=False)).abs().max() < 1e-6
+        ref_s = _block_probs(q, k, rows, slice(6, lk), mask).mean(dim=1).reshape(2, 1, t, f)  # received per latent key
+        assert (rs.grid.double() - torch.nn.functional.interpolate(ref_s, size=(8, 8), mode="bilinear",
+                                                                  align_corners=False)[:, 0]).abs().max() < 1e-6

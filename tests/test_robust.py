@@ -171,3 +171,22 @@ def test_records_selected_only_keeps_counts():
     assert tap.counts == {"sdpa.0": 1, "sdpa.1": 1}
     with pytest.raises(AibaError, match="records"):
         AttnTap(records="some")
+
+
+def test_inputs_built_only_for_selected_calls(monkeypatch):
+    """Selection is decided before inputs are built: no MHA projections for a call the tap
+    drops, and for the one it keeps exactly one build."""
+    import aiba.patch as patch
+
+    built = []
+    real = patch.mha_inputs
+    monkeypatch.setattr(patch, "mha_inputs", lambda *a, **k: built.append(1) or real(*a, **k))
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    x, mem = torch.randn(1, 5, 16), torch.randn(1, 3, 16)
+    tap = AttnTap(kinds=("cross",), keep="probs")
+    with torch.no_grad(), combined_patch(tap, model=mha):
+        mha(x, x, x)  # self: not selected
+    assert built == [] and [r.captured for r in tap.store] == [False]
+    with torch.no_grad(), combined_patch(tap, model=mha):
+        mha(x, mem, mem)
+    assert built == [1] and tap.store[-1].probs.shape == (1, 5, 3)

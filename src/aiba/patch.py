@@ -58,7 +58,7 @@ CROSS_NAMES = frozenset({"encoder_attn", "EncDecAttention", "attn2", "cross_attn
                          "multihead_attn", "enc_dec_attn", "cross_attn_layer"})
 # processors / modules that put the context tokens BEFORE the latent tokens in a joint call
 # (SD3's JointAttnProcessor2_0 and the others put them after)
-_CONTEXT_FIRST = ("Flux", "AuraFlow", "Bria", "LongCat", "Ovis", "EasyAnimate")
+_CONTEXT_FIRST = ("Flux", "AuraFlow", "Bria", "LongCat", "Ovis", "EasyAnimate", "AddedKV")
 _MAX_FRAMES = 64  # frames walked up from a kernel call to the nearest module call
 _CALL_IMPL = nn.Module._call_impl.__code__
 _is_compiling = torch.compiler.is_compiling
@@ -71,30 +71,35 @@ def active_taps() -> tuple[AttnTap, ...]:
 
 
 # ------------------------------------------------------------------ call context
-def _issuer(frame, found: list | None = None) -> tuple[nn.Module | None, tuple, dict]:
-    """The module whose forward is running at ``frame`` (the ``self`` of the nearest
-    ``nn.Module._call_impl`` frame) and the arguments it was called with. A helper method of
-    a parent module, called from a child's forward, is attributed to the child.
-    ``found``, if given, receives that frame (to look at the parent's call on demand)."""
+def _attr(module, name: str, default=None):
+    """An attribute set on a module instance (or its class) without nn.Module.__getattr__'s
+    costly miss path."""
+    d = module.__dict__
+    return d[name] if name in d else getattr(type(module), name, default)
+
+
+def _issuer(frame):
+    """(module, args, kwargs, frame): the module whose forward is running at ``frame`` (the
+    ``self`` of the nearest ``nn.Module._call_impl`` frame), the arguments it was called
+    with, and that frame (to look at the parent's call on demand). A helper method of a
+    parent module, called from a child's forward, is attributed to the child."""
     for _ in range(_MAX_FRAMES):
         if frame is None:
             break
         if frame.f_code is _CALL_IMPL:
             loc = frame.f_locals
-            if found is not None:
-                found.append(frame)
-            return loc.get("self"), loc.get("args", ()), loc.get("kwargs") or {}
+            return loc.get("self"), loc.get("args", ()), loc.get("kwargs") or {}, frame
         frame = frame.f_back
-    return None, (), {}
+    return None, (), {}, None
 
 
 def _single_stream_span(frame, module, lq: int, lk: int) -> tuple[int, int] | None:
     """Flux-style single-stream blocks concatenate context and latent tokens *before*
     calling their attention module (``pre_only=True``, no context argument): the joint span
     is read from the parent block's own ``hidden_states`` / ``encoder_hidden_states``."""
-    if frame is None or lq != lk or getattr(module, "pre_only", None) is not True:
+    if frame is None or lq != lk or _attr(module, "pre_only") is not True:
         return None
-    parent, args, kwargs = _issuer(frame.f_back)
+    parent, args, kwargs, _ = _issuer(frame.f_back)
     if parent is None:
         return None
     sig = _sig(type(parent))
@@ -114,6 +119,7 @@ class _Sig:
     cache: tuple[str, ...]  # CACHE_ARGS it takes
     var_kw: bool  # takes **kwargs
     first: str | None  # first parameter (the module's own input)
+    plain: bool  # takes no context, cache or **kwargs: only attributes can say more
 
 
 _SIGS: dict[type, _Sig] = {}
@@ -129,8 +135,8 @@ def _sig(cls: type) -> _Sig:
         pos = {p.name: i for i, p in enumerate(params) if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)}
         names = {p.name for p in params}
         var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
-        s = _SIGS[cls] = _Sig(pos, tuple(a for a in CONTEXT_ARGS if a in names), tuple(a for a in CACHE_ARGS if a in names),
-                              var_kw, params[0].name if params else None)
+        ctx, cache = tuple(a for a in CONTEXT_ARGS if a in names), tuple(a for a in CACHE_ARGS if a in names)
+        s = _SIGS[cls] = _Sig(pos, ctx, cache, var_kw, params[0].name if params else None, not (ctx or cache or var_kw))
     return s
 
 
@@ -149,17 +155,24 @@ def _arg(sig: _Sig, args: tuple, kwargs: dict, name: str):
 
 
 def _seq_len(t) -> int | None:
-    return int(t.shape[1]) if isinstance(t, torch.Tensor) and t.dim() == 3 else None
+    """Tokens of a (B, L, C) sequence or a (B, C, H, W) image (H * W positions)."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    if t.dim() == 3:
+        return int(t.shape[1])
+    return int(t.shape[2] * t.shape[3]) if t.dim() == 4 else None
 
 
 def _joint_span(module: nn.Module, sig: _Sig, args, kwargs, ctx, lq: int, lk: int) -> tuple[int, int] | None:
     """(start, stop) of the context tokens when the call attends over the module's own
-    tokens and the context tokens concatenated (SD3/Flux MM-DiT joint attention), else None."""
+    tokens and the context tokens concatenated: both queries and keys (SD3/Flux MM-DiT joint
+    attention), or the keys only (diffusers' added-KV processors: latent queries over
+    [context; latent] keys). None otherwise."""
     m = _seq_len(ctx)
     n = _seq_len(_arg(sig, args, kwargs, sig.first)) if sig.first is not None else None
-    if m is None or n is None or lq != n + m or lk != lq:
+    if m is None or n is None or lk != n + m or lq not in (n, n + m):
         return None
-    owner = f"{type(module).__name__} {type(getattr(module, 'processor', None)).__name__}"
+    owner = f"{type(module).__name__} {type(_attr(module, 'processor')).__name__}"
     first = any(tag in owner for tag in _CONTEXT_FIRST)
     return (0, m) if first else (n, n + m)
 
@@ -172,7 +185,10 @@ def module_kind(module: nn.Module | None, args: tuple, kwargs: dict, lq: int, lk
     past keys (the length rule then never says "cross")."""
     if module is None:
         return None, None, None
-    sig = _sig(type(module))
+    sig = _SIGS.get(type(module)) or _sig(type(module))
+    if sig.plain:
+        flag = _attr(module, "is_cross_attention")
+        return (("cross" if flag else "self"), "attribute", None) if isinstance(flag, bool) else (None, None, None)
     for name in sig.context:
         v = _arg(sig, args, kwargs, name)
         if v is None:
@@ -185,7 +201,7 @@ def module_kind(module: nn.Module | None, args: tuple, kwargs: dict, lq: int, lk
         for name in CONTEXT_ARGS:
             if name in kwargs:
                 return ("self", "args", None) if kwargs[name] is None else ("cross", "args", None)
-    flag = getattr(module, "is_cross_attention", None)
+    flag = _attr(module, "is_cross_attention")
     if isinstance(flag, bool):
         return ("cross" if flag else "self"), "attribute", None
     for name in sig.cache + tuple(a for a in CACHE_ARGS if sig.var_kw and a in kwargs):
@@ -195,13 +211,20 @@ def module_kind(module: nn.Module | None, args: tuple, kwargs: dict, lq: int, lk
     return None, None, None
 
 
+_NAMED: dict[str, bool] = {}  # layer path -> its last component names a cross-attention layer
+
+
 def _tag(tap: AttnTap, name: str | None, lq: int, lk: int, kind, source):
     """Finish the kind for one tap: the module's facts, then its path's last component
     (CROSS_NAMES), then the tap's override, then the length rule."""
     if kind is not None:
         return kind, source
-    if name is not None and name.rsplit(".", 1)[-1] in CROSS_NAMES:
-        return "cross", "attribute"
+    if name is not None:
+        named = _NAMED.get(name)
+        if named is None:
+            named = _NAMED[name] = name.rsplit(".", 1)[-1] in CROSS_NAMES
+        if named:
+            return "cross", "attribute"
     k = tap.override_kind(name, lq, lk)
     if k is not None:
         return k, "override"
@@ -217,7 +240,7 @@ _UNSEEN = {"traced": 0}
 def _traced(t) -> bool:
     """A tensor seen while torch.compile/export traces (fake, functional, symbolic sizes)."""
     if type(t) is torch.Tensor or type(t) is nn.Parameter:
-        return any(isinstance(s, torch.SymInt) for s in t.shape)
+        return False  # symbolic sizes only occur on tracing subclasses
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor
 
@@ -231,30 +254,31 @@ def _fail(tap: AttnTap, rec, name, exc: BaseException) -> None:
         pass
 
 
-def _dispatch(kernel: str, frame, probe: torch.Tensor, size: Callable, build: Callable, module=None, fixed=None) -> None:
+def _dispatch(kernel: str, frame, probe: torch.Tensor, size: Callable, build: Callable, cargs: tuple, ckw: dict,
+              module=None, fixed=None) -> None:
     """Hand one kernel call to the active taps that take ``kernel``.
 
-    ``size(module)`` -> (B, H, Lq, Lk) without building anything; ``build(module)`` ->
-    AttnInputs, called only if some tap selected the call. ``module``/``fixed`` (kind,
-    source): the issuing module and the kind when the shim knows them (MHA).
+    ``size(module, *cargs, **ckw)`` -> (B, H, Lq, Lk) without building anything;
+    ``build(*cargs, module=module, **ckw)`` -> AttnInputs, called only if some tap selected
+    the call. ``module``/``fixed`` (kind, source): the issuing module and the kind when the
+    shim knows them (MHA).
     """
     taps = [t for t in _ACTIVE.get() if kernel in t.kernels]
     if not taps:
         return
     if _graph_task() != -1:
         return  # a forward recomputed during backward (activation checkpointing): seen already
-    if _traced(probe):
+    if type(probe) is not torch.Tensor and _traced(probe):
         _UNSEEN["traced"] += 1
         return
     try:
-        args, kwargs, found = (), {}, []
         if module is None:
-            module, args, kwargs = _issuer(frame, found)
-        b, h, lq, lk = size(module)
+            module, args, kwargs, found = _issuer(frame)
+        b, h, lq, lk = size(module, *cargs, **ckw)
         if fixed is not None:
             kind, source, span = fixed[0], fixed[1], None
         else:
-            kind, source, span = module_kind(module, args, kwargs, lq, lk, found[0] if found else None)
+            kind, source, span = module_kind(module, args, kwargs, lq, lk, found)
     except Exception as e:  # the kernel ran; report, never raise
         for tap in taps:
             _fail(tap, None, kernel, e)
@@ -268,19 +292,10 @@ def _dispatch(kernel: str, frame, probe: torch.Tensor, size: Callable, build: Ca
             rec = tap._record(kernel, name, k, src, (b, h, lq, lk), bool(tap.model_paths) and name is None, span)
             if rec is not None and rec.captured and rec.note is None and tap.computes:
                 if x is None:
-                    x = build(module)
+                    x = build(*cargs, module=module, **ckw)
                 tap._capture(kernel, rec, x)
         except Exception as e:
             _fail(tap, rec, name if rec is None else rec.name, e)
-
-
-@contextmanager
-def _inside() -> Iterator[None]:
-    token = _INSIDE.set(True)
-    try:
-        yield
-    finally:
-        _INSIDE.reset(token)
 
 
 # --------------------------------------------------------------------- SDPA
@@ -298,7 +313,7 @@ def _to4(t: torch.Tensor) -> torch.Tensor:
 def _packed_groups(module, query, key) -> int:
     """transformers' one-token decode packs grouped-query heads into the query length:
     (B, H, 1, D) -> (B, kv_heads, groups, D). The groups when this call is so packed, else 1."""
-    g = getattr(module, "num_key_value_groups", 1) if module is not None else 1
+    g = _attr(module, "num_key_value_groups", 1) if module is not None else 1
     if not isinstance(g, int) or g <= 1 or query.dim() != 4 or key.dim() != 4:
         return 1
     kv = getattr(getattr(module, "config", None), "num_key_value_heads", None)
@@ -308,11 +323,14 @@ def _packed_groups(module, query, key) -> int:
 
 
 def _sdpa_size(query, key, module) -> tuple[int, int, int, int]:
-    if query.dim() < 3:
-        raise AibaError(f"attention input of shape {tuple(query.shape)}: expected at least (B, L, E)")
-    h = query.shape[1] if query.dim() == 4 else 1 if query.dim() == 3 else int(torch.Size(query.shape[1:-2]).numel())
-    g = _packed_groups(module, query, key)
-    return query.shape[0], h * g, query.shape[-2] // g, key.shape[-2]
+    qs = query.shape
+    n = len(qs)
+    if n == 4:
+        g = _packed_groups(module, query, key) if module is not None else 1
+        return qs[0], qs[1] * g, qs[2] // g, key.shape[-2]
+    if n < 3:
+        raise AibaError(f"attention input of shape {tuple(qs)}: expected at least (B, L, E)")
+    return qs[0], 1 if n == 3 else int(torch.Size(qs[1:-2]).numel()), qs[-2], key.shape[-2]
 
 
 def _sdpa_inputs(query, key, value=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
@@ -347,8 +365,8 @@ def _make_shim(kernel: str, orig, to_inputs, to_size):
             return orig(*args, **kwargs)  # traced by torch.compile: stay out of the graph
         out = orig(*args, **kwargs)
         if _ACTIVE.get() and not _INSIDE.get():
-            _dispatch(kernel, sys._getframe(1), args[0] if args else next(iter(kwargs.values())),
-                      lambda m: to_size(m, *args, **kwargs), lambda m: to_inputs(*args, **kwargs, module=m))
+            _dispatch(kernel, sys._getframe(1), args[0] if args else next(iter(kwargs.values())), to_size, to_inputs,
+                      args, kwargs)
         return out
 
     return shim
@@ -356,6 +374,7 @@ def _make_shim(kernel: str, orig, to_inputs, to_size):
 
 def _sdpa_size_args(module, query, key, *_, **__):
     return _sdpa_size(query, key, module)
+
 
 
 _ORIG_SDPA = F.scaled_dot_product_attention
@@ -427,6 +446,14 @@ def _mha_size(mod: nn.MultiheadAttention, query, key) -> tuple[int, int, int, in
     return n, mod.num_heads, lq, lk
 
 
+def _mha_size_args(module, mod, query, key, *_):
+    return _mha_size(mod, query, key)
+
+
+def _mha_build(mod, query, key, kpm, attn_mask, is_causal, module=None):
+    return mha_inputs(mod, query, key, kpm, attn_mask, is_causal)
+
+
 def _same_sequence(query, key) -> bool:
     """MHA self-attention: the key is the query: the same tensor, a view of the same memory
     with the same shape and strides, or (DETR's ``attn(x + pos, x + pos, x)``, where
@@ -444,8 +471,11 @@ def _same_sequence(query, key) -> bool:
 def _mha_shim(self, *args, **kwargs):
     if _is_compiling() or not _ACTIVE.get() or _INSIDE.get():
         return _ORIG_MHA_FORWARD(self, *args, **kwargs)
-    with _inside():
+    token = _INSIDE.set(True)
+    try:
         out = _ORIG_MHA_FORWARD(self, *args, **kwargs)
+    finally:
+        _INSIDE.reset(token)
     try:
         query, key, kpm, attn_mask, is_causal = _mha_args(*args, **kwargs)
         kind = "self" if _same_sequence(query, key) else "cross"
@@ -453,8 +483,8 @@ def _mha_shim(self, *args, **kwargs):
         for tap in _ACTIVE.get():
             _fail(tap, None, "mha", e)
         return out
-    _dispatch("mha", None, query, lambda m: _mha_size(self, query, key),
-              lambda m: mha_inputs(self, query, key, kpm, attn_mask, is_causal), module=self, fixed=(kind, "args"))
+    _dispatch("mha", None, query, _mha_size_args, _mha_build, (self, query, key, kpm, attn_mask, is_causal), {},
+              module=self, fixed=(kind, "args"))
     return out
 
 
@@ -502,7 +532,7 @@ def _tel_shim(*args, **kwargs):
             a = dict(zip(names, args))
             a.update(kwargs)
             src, h = a["src"], int(a["num_heads"])
-            layer, _, _ = _issuer(sys._getframe(1))
+            layer = _issuer(sys._getframe(1))[0]
             attn = getattr(layer, "self_attn", None)
             module = attn if isinstance(attn, nn.MultiheadAttention) else layer
             if src.is_nested:
@@ -514,8 +544,9 @@ def _tel_shim(*args, **kwargs):
                 _fail(tap, None, "mha", e)
             return out
         _dispatch("mha", None, src if not src.is_nested else torch.empty(0), lambda m: (b, h, lq, lq),
-                  lambda m: _tel_inputs(src, a["embed_dim"], h, a["in_w"], a["in_b"], a["norm_first"], a["eps"], a["n1w"],
-                                        a["n1b"], a.get("mask"), a.get("mask_type")), module=module, fixed=("self", "args"))
+                  lambda module=None: _tel_inputs(src, a["embed_dim"], h, a["in_w"], a["in_b"], a["norm_first"], a["eps"],
+                                                  a["n1w"], a["n1b"], a.get("mask"), a.get("mask_type")),
+                  (), {}, module=module, fixed=("self", "args"))
     return out
 
 

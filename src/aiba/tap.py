@@ -64,7 +64,8 @@ class CallRecord:
     outside: bool = False  # issued outside the model given to combined_patch(model=)
     probs: torch.Tensor | None = None  # keep="probs": (B_kept, q_len, k_len) float32, CPU
     grid: torch.Tensor | None = None  # keep="calls": (B_kept, target_T, target_F) float32, CPU
-    context: tuple[int, int] | None = None  # kind "joint": (start, stop) of the context tokens in the sequence
+    context: tuple[int, int] | None = None  # kind "joint": (start, stop) of the context tokens among the keys
+    # (and among the queries when q_len == k_len)
     error: str | None = None  # what went wrong while recording this call (raised when maps are read)
     note: str | None = None  # e.g. "empty" for a zero-length query or key (nothing to recompute)
 
@@ -433,8 +434,9 @@ class AttnTap:
         if self.latent_shape is None:
             return
         start, stop = rec.context
-        lq = x.shape[2]
-        latent = slice(stop, lq) if start == 0 else slice(0, start)
+        _, _, lq, lk = x.shape
+        latent = slice(stop, lk) if start == 0 else slice(0, start)  # latent keys
+        rows = latent if lq == lk else slice(0, lq)  # latent queries (all of them when only keys are joint)
         parts = []
         if "cross" in self.kinds:
             parts.append(("cross", rec.name, slice(start, stop)))
@@ -442,7 +444,7 @@ class AttnTap:
             parts.append(("self", rec.name + ":self", latent))
         for kind, name, cols in parts:
             part = dataclasses.replace(rec, name=name, probs=None)
-            self._on_call(kernel, name, kind, rec.kind_source, _block(x, latent, cols), rec=part)
+            self._on_call(kernel, name, kind, rec.kind_source, _block(x, rows, cols), rec=part)
             if rec.lattice is None:
                 rec.lattice, rec.grid = part.lattice, part.grid
 
