@@ -592,6 +592,26 @@ def unet_encoder_mask() -> Case:
                 note="text keys 4 of 6 kept for the second prompt")
 
 
+def unet_added_kv() -> Case:
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import Attention
+
+    model = _seeded(lambda: UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 16), layers_per_block=1,
+        down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "SimpleCrossAttnUpBlock2D"), mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8))
+    g = torch.Generator().manual_seed(31)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 6, 16, generator=g)
+
+    def run():
+        return model(x, 3, encoder_hidden_states=ctx).sample
+
+    # AttnAddedKVProcessor2_0: latent queries over [6 text; latent] keys in one call
+    return Case(model, run, lambda: eager_sdpa_reference(model, run, Attention), kinds_by(default="joint"),
+                note="latent queries over [text; latent] keys", context=(0, 6))
+
+
 def transformer2d() -> Case:
     from diffusers import Transformer2DModel
 
@@ -887,6 +907,7 @@ ZOO = {
     "vit": ("transformers", vit, "ViTModel", None),
     "clip_text": ("transformers", clip_text, "CLIPTextModel, causal + padding", None),
     "unet_encoder_mask": ("diffusers", unet_encoder_mask, "UNet2DConditionModel, encoder_attention_mask", None),
+    "unet_added_kv": ("diffusers", unet_added_kv, "UNet2DConditionModel, added-KV attention (SimpleCrossAttn)", None),
     "transformer2d": ("diffusers", transformer2d, "Transformer2DModel, continuous input", None),
     "dit": ("diffusers", dit, "DiTTransformer2DModel", None),
     "sd3_joint": ("diffusers", sd3_joint, "SD3Transformer2DModel, joint attention", None),
