@@ -4,6 +4,7 @@ tensors and concrete sizes, named by module path."""
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import pytest
@@ -49,8 +50,8 @@ def _run(model, x, text, tap):
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
 @pytest.mark.parametrize("warm", [False, True])
 def test_compiled_model_captured_once_with_real_tensors(backend, warm):
-    if backend == "inductor":
-        pytest.importorskip("triton", reason=None) if torch.cuda.is_available() else None
+    if backend == "inductor" and not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("inductor on CPU needs a C++ compiler")
     torch._dynamo.reset()  # cold cache
     torch.manual_seed(0)
     model = _Model().eval()

@@ -263,9 +263,11 @@ def _dispatch(kernel: str, frame, probe: torch.Tensor, size: Callable, build: Ca
     the call. ``module``/``fixed`` (kind, source): the issuing module and the kind when the
     shim knows them (MHA).
     """
-    taps = [t for t in _ACTIVE.get() if kernel in t.kernels]
-    if not taps:
-        return
+    taps = _ACTIVE.get()
+    if len(taps) != 1 or kernel not in taps[0].kernels:
+        taps = [t for t in taps if kernel in t.kernels]
+        if not taps:
+            return
     if _graph_task() != -1:
         return  # a forward recomputed during backward (activation checkpointing): seen already
     if type(probe) is not torch.Tensor and _traced(probe):
@@ -326,7 +328,7 @@ def _sdpa_size(query, key, module) -> tuple[int, int, int, int]:
     qs = query.shape
     n = len(qs)
     if n == 4:
-        g = _packed_groups(module, query, key) if module is not None else 1
+        g = _packed_groups(module, query, key) if module is not None and "num_key_value_groups" in module.__dict__ else 1
         return qs[0], qs[1] * g, qs[2] // g, key.shape[-2]
     if n < 3:
         raise AibaError(f"attention input of shape {tuple(qs)}: expected at least (B, L, E)")
