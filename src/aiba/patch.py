@@ -290,7 +290,7 @@ def _dispatch(kernel: str, frame, probe: torch.Tensor, size: Callable, build: Ca
         rec = None
         try:
             name = tap.model_paths.get(id(module)) if module is not None else None
-            k, src = _tag(tap, name, lq, lk, kind, source)
+            k, src = (kind, source) if kind is not None else _tag(tap, name, lq, lk, kind, source)
             rec = tap._record(kernel, name, k, src, (b, h, lq, lk), bool(tap.model_paths) and name is None, span)
             if rec is not None and rec.captured and rec.note is None and tap.computes:
                 if x is None:
