@@ -135,3 +135,121 @@ def test_cli_model_factory_human(tmp_path, monkeypatch, capsys):
 def test_cli_needs_a_source(capsys):
     assert main(["diagnose"]) == 3  # EXIT_CODES["input"]
     assert "--backend" in capsys.readouterr().err
+
+
+def _encoder_model():
+    from torch import nn
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+
+def test_diagnose_keeps_the_encoder_fast_path(monkeypatch):
+    """diagnose watches nn.TransformerEncoderLayer without switching off its fused fast path
+    (per-module hooks would), and reports the layers' attention runs that reached no shim."""
+    from aiba import AttnTap, combined_patch
+    from aiba.backends.generic import GenericBackend
+
+    fused = torch._transformer_encoder_layer_fwd
+    count = [0]
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", counting)
+    model, x = _encoder_model(), torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = model(x)
+    assert count[0] == 2  # the fast path runs without diagnose
+    tap = AttnTap(kinds=("cross", "self"))
+    with combined_patch(tap, model=model), torch.no_grad():
+        model(x)
+    captured = len([r for r in tap.store if not r.outside])  # calls capture sees per run (0 while it cannot)
+
+    backend = GenericBackend(model, (x,), latent_shape=(8,))
+    backend.streams()
+    count[0] = 0
+    d = diagnose(backend, steps=3)
+    assert count[0] == 2 * 3  # every layer run of the diagnosed steps took the fused path
+    with torch.no_grad():
+        assert torch.equal(model(x), plain)
+    assert d.attention_modules == 2 and d.attention_module_runs == 2 * 3
+    assert d.escaped == (2 - captured) * 3
+    if d.escaped:
+        assert d.escaped_modules == ["layers.0.self_attn", "layers.1.self_attn"]
+        assert any("reached no kernel shim" in n for n in d.notes)
+
+
+def test_diagnose_encoder_slow_path_not_escaped():
+    """In training mode the layer calls its self_attn module: one run each, none escaped."""
+    from aiba.backends.generic import GenericBackend
+
+    model = _encoder_model().train()
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(3))
+    d = diagnose(GenericBackend(model, (x,), latent_shape=(8,)), steps=2)
+    assert d.attention_module_runs == 2 * 2 and d.escaped == 0 and d.calls_seen == 4
+
+
+def test_diagnose_delegated_kernel_call_is_not_escaped():
+    """An attention module handing SDPA to a child module: its calls are captured (named by
+    the child), so none is reported as escaped; a sibling that computes its own softmax is."""
+    from torch import nn
+    import torch.nn.functional as F
+
+    from aiba.backends.generic import GenericBackend
+
+    class Kernel(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    class DelegatingAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_qkv = nn.Linear(8, 24)
+            self.kernel = Kernel()
+
+        def forward(self, x):
+            q, k, v = self.to_qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, 4)
+            return self.kernel(q, k, v).transpose(1, 2).flatten(2)
+
+    class HandRolledAttention(nn.Module):
+        def forward(self, x):
+            return torch.softmax(x @ x.transpose(-1, -2), dim=-1) @ x
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([DelegatingAttention(), DelegatingAttention()])
+            self.extra = HandRolledAttention()
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = x + b(x)
+            return self.extra(x)
+
+    torch.manual_seed(0)
+    d = diagnose(GenericBackend(Model(), (torch.randn(1, 6, 8),), latent_shape=(6,)), steps=2)
+    assert d.attention_modules == 3 and d.attention_module_runs == 3 * 2
+    assert {c.name for c in d.calls} == {"blocks.0.kernel", "blocks.1.kernel"} and d.calls_seen == 4
+    assert d.escaped == 2 and d.escaped_modules == ["extra"]
+
+
+def test_diagnose_encoder_layer_attention_without_self_attn_is_escaped():
+    """A TransformerEncoderLayer that computes attention without calling its self_attn (as
+    the fused path does) counts as a run of self_attn; with no call recorded, it escaped."""
+    from torch import nn
+
+    from aiba.backends.generic import GenericBackend
+
+    class HandLayer(nn.TransformerEncoderLayer):
+        def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+            return src + torch.softmax(src @ src.transpose(-1, -2), dim=-1) @ src
+
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(HandLayer(16, 2, dim_feedforward=32, batch_first=True), 2,
+                                  enable_nested_tensor=False).eval()
+    d = diagnose(GenericBackend(model, (torch.randn(2, 8, 16),), latent_shape=(8,)), steps=2)
+    assert d.attention_modules == 2 and d.attention_module_runs == 2 * 2 and d.calls_seen == 0
+    assert d.escaped == 4 and d.escaped_modules == ["layers.0.self_attn", "layers.1.self_attn"]

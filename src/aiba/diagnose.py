@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from .errors import AibaError
@@ -114,6 +115,76 @@ def map_health(stream: str, overall, freq_resolved: bool) -> MapHealth:
                      None if f_prof is None else _entropy(f_prof), None if f_prof is None else _flatness(f_prof))
 
 
+# ------------------------------------------------------------ run watching
+class _RunWatch:
+    """Runs of each attention module, and the runs during which no call reached a shim.
+
+    A run "reached a shim" when the tap gained a record while the module's forward was on the
+    stack, whatever module the record is named by (an attention module may hand the kernel
+    call to a child, or to a helper on its parent). An ``nn.TransformerEncoderLayer`` whose
+    fused fast path computes attention without calling its ``self_attn`` counts as a run of
+    ``self_attn``.
+    """
+
+    def __init__(self, modules: dict, tap) -> None:
+        self.tap = tap
+        self.paths = {id(m): n for n, m in modules.items()}
+        self.runs = {n: 0 for n in modules}
+        self.missed = {n: 0 for n in modules}
+        self.layers: dict = {}  # id(encoder layer) -> path of its self_attn
+        self.open: list = []  # [id(module), records when it started, [attention modules run inside]]
+
+    def pre(self, module, args) -> None:
+        key = id(module)
+        if key in self.paths:
+            for frame in self.open:
+                frame[2].append(key)
+            self.open.append([key, len(self.tap.store), []])
+        elif key in self.layers:
+            self.open.append([key, len(self.tap.store), []])
+
+    def post(self, module, args, output) -> None:
+        key = id(module)
+        if key not in self.paths and key not in self.layers:
+            return
+        while self.open and self.open[-1][0] != key:  # a forward that raised left its frame open
+            self.open.pop()
+        if not self.open:
+            return
+        _, start, inner = self.open.pop()
+        reached = len(self.tap.store) > start
+        if key in self.paths:
+            name = self.paths[key]
+        else:
+            name = self.layers[key]
+            if any(self.paths.get(k) == name for k in inner):
+                return  # self_attn ran as a module: its own run was counted
+        self.runs[name] += 1
+        self.missed[name] += not reached
+
+
+@contextmanager
+def _watch_runs(model, modules: dict, tap):
+    """Count attention-module runs with global module hooks: per-module hooks would switch
+    off ``nn.TransformerEncoderLayer``'s fast path (it checks its modules for hooks), so the
+    model would not take the path it takes without diagnose."""
+    from torch import nn
+    from torch.nn.modules import module as torch_module
+
+    watch = _RunWatch(modules, tap)
+    by_id = {id(m): n for n, m in modules.items()}
+    for _, layer in model.named_modules():
+        if isinstance(layer, nn.TransformerEncoderLayer) and id(layer.self_attn) in by_id:
+            watch.layers[id(layer)] = by_id[id(layer.self_attn)]
+    handles = [torch_module.register_module_forward_pre_hook(watch.pre),
+               torch_module.register_module_forward_hook(watch.post)]
+    try:
+        yield watch
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # ------------------------------------------------------------------ the run
 def diagnose(backend, *, prompt: str = "a bass solo with drums", steps: int = 2, pool: str = "max",
              seed: int = 0, seconds: float | None = None, guidance_scale: float | None = None,
@@ -137,16 +208,10 @@ def diagnose(backend, *, prompt: str = "a bass solo with drums", steps: int = 2,
     backend.streams()  # a generic backend probes its model here: before the run hooks count
     tap = AttnTap(target_T=target[0], target_F=target[1], pool=pool, kinds=("cross", "self"))
     modules = G.attention_modules(backend.denoiser)
-    runs = {name: 0 for name in modules}
-    handles = []
-    try:
-        for name, mod in modules.items():
-            handles.append(mod.register_forward_hook(lambda m, a, o, n=name: runs.__setitem__(n, runs[n] + 1)))
+    with _watch_runs(backend.denoiser, modules, tap) as watch:
         result = backend.generate(prompt, tap=tap, steps=steps, guidance_scale=guidance_scale, seed=seed,
                                   seconds=seconds)
-    finally:
-        for h in handles:
-            h.remove()
+    runs, missed = watch.runs, watch.missed
 
     streams = backend.streams()
     latent = tap.latent_shape
@@ -178,11 +243,8 @@ def diagnose(backend, *, prompt: str = "a bass solo with drums", steps: int = 2,
         calls.append(CallGroup(name, kernel, kind, r.kind_source, stream_of(name), q_len, k_len, heads, r.batch, n,
                                n / max(1, len(steps_of[name])), lattice_of(r)))
 
-    seen = {}
-    for r in inside:
-        seen[r.name] = seen.get(r.name, 0) + 1
-    escaped_modules = sorted(n for n in modules if runs[n] > seen.get(n, 0))
-    escaped = sum(max(0, runs[n] - seen.get(n, 0)) for n in modules)
+    escaped_modules = sorted(n for n in modules if missed[n])
+    escaped = sum(missed.values())
 
     cross = [c for c in calls if c.kind == "cross"]
     exposes = bool(cross)
