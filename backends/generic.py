@@ -86,7 +86,7 @@ def _input_shapes(model, runner) -> list:
 
 
 def _fits(latent, q_lens, prefix) -> bool:
-    from aiba.mapping import candidate_lattices
+    from aiba.maps.mapping import candidate_lattices
 
     sizes = {a * b for a, b in candidate_lattices(latent)}
     return all(q - prefix in sizes for q in q_lens)

@@ -23,7 +23,7 @@ Architecture (all in this module; nothing is downloaded):
   dropout (the all-``<pad>`` prompt) for classifier-free guidance.
 - **Sampler** (:meth:`ReferenceModel.sample`): DDIM (eta 0) with guidance, the batch
   doubled as ``[uncond, cond]``; ``callback_on_step_end`` is called after every step.
-- **Features and audio**: log-mel on aiba's grid (:data:`aiba.audio.AUDIOLDM2_MEL`:
+- **Features and audio**: log-mel on aiba's grid (:data:`aiba.align.audio.AUDIOLDM2_MEL`:
   16 kHz, hop 160, 64 Slaney mels, 0-8 kHz), scaled by fixed constants to about unit
   range (:func:`mel_to_feature`); audio by librosa's Griffin-Lim mel inversion.
 
@@ -346,7 +346,7 @@ def feature_to_audio(feature, n_iter: int = 32):
     import librosa
     import numpy as np
 
-    from aiba.audio import AUDIOLDM2_MEL as c
+    from aiba.align.audio import AUDIOLDM2_MEL as c
 
     S = feature_to_mel(feature).T  # (n_mels, frames) power
     basis = librosa.filters.mel(sr=c.sr, n_fft=c.n_fft, n_mels=c.n_mels, fmin=c.fmin, fmax=c.fmax, htk=c.htk)
@@ -368,9 +368,9 @@ def shipped_weights() -> dict:
 
 
 def shipped_templates():
-    """The data-driven templates (:class:`aiba.templates.DataTemplates`) of the training
+    """The data-driven templates (:class:`aiba.align.templates.DataTemplates`) of the training
     stems the shipped weights were trained on (``reference_weights/templates.npz``)."""
-    from aiba.templates import DataTemplates
+    from aiba.align.templates import DataTemplates
 
     return DataTemplates.load(weights_dir() / "templates.npz")
 
@@ -458,7 +458,7 @@ class ReferenceBackend(Backend):
     def _generate(self, prompts, *, steps, guidance_scale, seed, seconds, on_step_end):
         import numpy as np
 
-        from aiba.audio import AUDIOLDM2_MEL
+        from aiba.align.audio import AUDIOLDM2_MEL
 
         frames = self.latent_shape(seconds)[0]
         cb = (lambda i: on_step_end()) if on_step_end is not None else None

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from aiba import bench
+    from aiba.tools import bench
     from aiba.atomic import atomic_write
 
     cuda = torch.cuda.is_available()

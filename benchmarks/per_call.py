@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, a.src)
     import torch
 
-    from aiba import bench
+    from aiba.tools import bench
     from aiba.atomic import atomic_write
 
     torch.set_num_threads(a.threads)

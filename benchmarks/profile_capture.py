@@ -87,7 +87,9 @@ def _patch(owner, attr, value):
 def main(argv=None) -> int:
     import torch
 
-    from aiba import bench, mapping, patch, tap as tapmod
+    from aiba.tools import bench
+    from aiba.maps import mapping
+    from aiba.capture import patch, tap as tapmod
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="audioldm2", choices=bench.BACKENDS)

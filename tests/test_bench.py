@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aiba import bench
+from aiba.tools import bench
 from aiba.errors import AibaError
 
 MODE_KEYS = {"ms", "ms_min", "ms_max", "ms_all", "ratio", "ratio_min", "peak_mib", "peak_extra_mib", "state_mib_2",
@@ -199,7 +199,7 @@ def test_cpu_run_uses_one_thread_and_restores(generic_result):
 
 def test_timed_forward_warms_up_inside_the_block():
     """The timed forward is the second one inside the capture block."""
-    from aiba.patch import active_taps
+    from aiba.capture.patch import active_taps
 
     cfg = bench.BenchConfig(backend="generic", size="tiny", modes=("none", "aiba-cross"), reps=1, warmup=0, steps=2)
     model = bench.build_models(cfg)[0]

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from aiba import AibaError, AttnTap, combined_patch
-from aiba.patch import flash_attn_inputs
-from aiba.probs import AttnInputs, head_mean_probs
+from aiba.capture.patch import flash_attn_inputs
+from aiba.capture.probs import AttnInputs, head_mean_probs
 
 # held in a container: combined_patch rebinds every module global bound to the original
 _KERNEL = {"sdpa": F.scaled_dot_product_attention}

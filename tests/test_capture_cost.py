@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from aiba import AibaWarning, AttnTap, combined_patch
-from aiba.probs import AttnInputs, head_mean_chunks
+from aiba.capture.probs import AttnInputs, head_mean_chunks
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-3}
 # ops that launch no kernel: allocations and metadata-only results
@@ -260,7 +260,7 @@ _RSS_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     from aiba import AttnTap
-    from aiba.probs import AttnInputs
+    from aiba.capture.probs import AttnInputs
     torch.set_num_threads(1)
 
     def status(key):

@@ -178,7 +178,7 @@ def test_metadata_holding_a_number(tmp_path, bad_inputs, capsys):
 def test_manifest_of_a_run_without_records_is_taken_over(tmp_path, capsys):
     """A run that failed before its first record (here: an unknown stream, found once the
     model is loaded) leaves no manifest; a manifest of another record-less run is replaced."""
-    from aiba.evaluate import EvalConfig, _check_manifest, _manifest
+    from aiba.tools.eval import EvalConfig, _check_manifest, _manifest
 
     out = tmp_path / "r"
     code, _, err = run_cli(["eval", *RUN_ARGS, "--out", out, "--streams", "nosuch"], capsys)
@@ -201,7 +201,7 @@ def test_manifest_of_a_run_without_records_is_taken_over(tmp_path, capsys):
 def test_second_writer_is_refused_with_the_holder(finished_run, capsys):
     import socket
 
-    from aiba.runlock import RunLock
+    from aiba.runs.lock import RunLock
 
     before = tree_hashes(finished_run)
     with RunLock(finished_run, what="aiba eval"):
@@ -216,9 +216,9 @@ def test_second_writer_is_refused_with_the_holder(finished_run, capsys):
 
 def test_lock_of_a_dead_process_is_taken_over(tmp_path):
     """A killed holder's lock (flock released by the OS) does not block the next run."""
-    from aiba.runlock import RunLock
+    from aiba.runs.lock import RunLock
 
-    code = ("import sys, os; sys.path[:0] = sys.argv[2:]; from aiba.runlock import RunLock; "
+    code = ("import sys, os; sys.path[:0] = sys.argv[2:]; from aiba.runs.lock import RunLock; "
             "RunLock(sys.argv[1], what='aiba eval').acquire(); os.kill(os.getpid(), 9)")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)] + sys.path, capture_output=True)
     assert r.returncode == -9
@@ -242,7 +242,7 @@ def test_stale_temporaries_of_a_dead_writer_are_removed(tmp_path):
 
 
 def test_ctrl_c_is_one_line(monkeypatch, tmp_path, capsys):
-    import aiba.evaluate as ev
+    import aiba.tools.eval as ev
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -266,7 +266,7 @@ def test_io_faults_are_one_line(monkeypatch, tmp_path, capsys, err_no, fragment)
             raise OSError(err_no, os.strerror(err_no), str(path))
         return real(path, data)
 
-    import aiba.report as rep
+    import aiba.tools.report as rep
 
     monkeypatch.setattr(atomic, "atomic_write", failing)
     run = tmp_path / "r"
@@ -282,7 +282,7 @@ def test_io_faults_are_one_line(monkeypatch, tmp_path, capsys, err_no, fragment)
 
 
 def test_real_bug_keeps_its_traceback(monkeypatch, tmp_path):
-    import aiba.evaluate as ev
+    import aiba.tools.eval as ev
 
     def bug(*a, **k):
         raise ZeroDivisionError("division by zero")

@@ -1,7 +1,7 @@
 """`aiba demo`: the planted model is captured, its map peaks where planted, the PNG is written."""
 
 from aiba.cli import main
-from aiba.demo import run_demo
+from aiba.tools.demo import run_demo
 
 
 def test_demo_peaks_at_the_planted_cell(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from aiba.cli import main  # noqa: E402
-from aiba.diagnose import Diagnosis, diagnose, format_report  # noqa: E402
+from aiba.tools.diagnose import Diagnosis, diagnose, format_report  # noqa: E402
 
 CALL_KEYS = {"name", "kernel", "kind", "q_len", "k_len", "lattice"}
 

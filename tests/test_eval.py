@@ -16,7 +16,7 @@ from aiba.errors import AibaError, AibaWarning
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from aiba.evaluate import (EvalConfig, instrument_token_indices, load_records, merge, plan,  # noqa: E402
+from aiba.tools.eval import (EvalConfig, instrument_token_indices, load_records, merge, plan,  # noqa: E402
                            report, run_eval)
 
 FIGURES = ("attention_vs_gt.png", "freq_profiles.png", "layers_bass.png", "layers_drums.png", "steps.png")
@@ -196,7 +196,7 @@ def test_all_attention_and_subset_pooling(tmp_path, backend):
 
 
 def test_instrument_tokens_prompts_and_plan(tmp_path):
-    from aiba.evaluate import load_prompts
+    from aiba.tools.eval import load_prompts
 
     (tmp_path / "p.yaml").write_text("templates: ['{instrument} solo']\ninstruments: {guitars: electric guitar}\n")
     templates, words = load_prompts(tmp_path / "p.yaml")

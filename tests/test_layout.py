@@ -8,7 +8,7 @@
   that reach for each other lazily is the same tangle (``evaluate.report`` <->
   ``report.build_report``) and the layers must point one way. Not counted: imports under
   ``if TYPE_CHECKING:``, and the implicit import of a parent package (``aiba`` when
-  ``aiba.tap`` is imported), which every submodule has and Python resolves by design.
+  ``aiba.capture.tap`` is imported), which every submodule has and Python resolves by design.
 - No module uses another module's private name: ``from .foo import _bar``; ``foo._bar`` with
   ``foo`` an imported aiba module; ``obj._bar`` (``obj`` not ``self``/``cls``) where
   ``_bar`` is a private function, method or attribute defined only in other aiba modules.
@@ -159,7 +159,7 @@ def private_definitions(source: str) -> set[str]:
 
 
 def _module_aliases(name: str, tree: ast.AST, is_pkg: bool, known) -> dict[str, str]:
-    """Local names bound to aiba modules: ``import aiba.tap as t``, ``from . import tap``."""
+    """Local names bound to aiba modules: ``import aiba.capture.tap as t``, ``from . import tap``."""
     out = {}
     for node in _import_nodes(tree):
         if isinstance(node, ast.Import):

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import aiba.patch as patch_mod
+import aiba.capture.patch as patch_mod
 from aiba import AttnTap, combined_patch
-from aiba.patch import active_taps, patched_symbols
+from aiba.capture.patch import active_taps, patched_symbols
 
 # containers, so combined_patch's rebinding of module globals does not touch the references
 ORIG = {"sdpa": F.scaled_dot_product_attention, "mha": vars(nn.MultiheadAttention)["forward"]}
@@ -134,7 +134,7 @@ def test_recompute_memory_stays_near_budget():
     script = textwrap.dedent(
         """
         import torch, json
-        from aiba.probs import AttnInputs, head_mean_chunks
+        from aiba.capture.probs import AttnInputs, head_mean_chunks
 
         def status(key):
             for ln in open("/proc/self/status"):

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from aiba import AibaError, AibaWarning, AttnTap, combined_patch
-from aiba.demo import PlantedCrossAttention
-from aiba.mapping import candidate_lattices, find_lattice, fit_layer_weights, pool_queries, resize, to_lattice, token_weights
+from aiba.tools.demo import PlantedCrossAttention
+from aiba.maps.mapping import candidate_lattices, find_lattice, fit_layer_weights, pool_queries, resize, to_lattice, token_weights
 
 
 def _grid_cell(model, stride, size):

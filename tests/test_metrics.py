@@ -1,4 +1,4 @@
-"""aiba.metrics against independent references (scikit-learn, scipy, hand-computed cases)."""
+"""aiba.align.metrics against independent references (scikit-learn, scipy, hand-computed cases)."""
 
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import average_precision_score, jaccard_score, precision_recall_fscore_support
 
 from aiba import AibaError, AibaWarning
-from aiba import metrics as M
+from aiba.align import metrics as M
 
 
 def rand_case(seed, T=8, F=6, p=0.3):

@@ -73,7 +73,7 @@ def test_shipped_weights_match_their_provenance():
 
 
 def test_control_scoring_hand_computed():
-    from aiba.control import WordItems, class_summary, paired_bootstrap
+    from aiba.tools.control import WordItems, class_summary, paired_bootstrap
 
     bands = {"Bass": np.array([1, 1, 0, 0], bool), "Organ": np.array([0, 0, 1, 1], bool)}
     up, down = np.array([[3.0, 2, 1, 0]]), np.array([[0.0, 1, 2, 3]])  # (T=1, F=4) maps
@@ -107,7 +107,7 @@ def test_control_scoring_hand_computed():
 
 
 def test_class_table_from_maps_templates_labels_reports_coverage():
-    from aiba.tables import build_table3, class_table, flagged_classes
+    from aiba.align.tables import build_table3, class_table, flagged_classes
 
     rng = np.random.default_rng(1)
     maps = rng.random((6, 4, 8))
@@ -165,7 +165,7 @@ def test_readme_custom_model_example_runs():
 
 
 def test_train_reference_resumes_to_the_same_weights(tmp_path):
-    from aiba.train_reference import TrainSettings, train
+    from aiba.tools.train_reference import TrainSettings, train
 
     pytest.importorskip("librosa")
     from aiba.cli import main

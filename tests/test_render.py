@@ -9,7 +9,7 @@ import soundfile as sf
 import yaml
 
 from aiba import AibaError
-from aiba.audio import grid_row_hz, mel_grid
+from aiba.align.audio import grid_row_hz, mel_grid
 from aiba.data import render
 from aiba.data.slakh import PAPER_CLASSES, SlakhDataset
 

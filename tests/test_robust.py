@@ -127,7 +127,7 @@ def test_recording_errors_go_on_records_and_maps_raise(monkeypatch):
     def boom(*a, **kw):
         raise RuntimeError("lattice exploded")
 
-    monkeypatch.setattr("aiba.mapping.find_lattice", boom)
+    monkeypatch.setattr("aiba.maps.mapping.find_lattice", boom)
     with warnings.catch_warnings(record=True) as w, combined_patch(tap):
         warnings.simplefilter("always")
         out1 = F.scaled_dot_product_attention(x, k, k)
@@ -177,7 +177,7 @@ def test_records_selected_only_keeps_counts():
 def test_inputs_built_only_for_selected_calls(monkeypatch):
     """Selection is decided before inputs are built: no MHA projections for a call the tap
     drops, and for the one it keeps exactly one build."""
-    import aiba.patch as patch
+    import aiba.capture.patch as patch
 
     built = []
     real = patch.mha_inputs

@@ -7,9 +7,9 @@ import pytest
 from sklearn.metrics import jaccard_score, precision_recall_fscore_support
 
 from aiba import AibaError
-from aiba.metrics import binarize
-from aiba.tables import bootstrap_indices, build_table1, build_table3, null_maps
-from aiba.templates import knowledge_templates
+from aiba.align.metrics import binarize
+from aiba.align.tables import bootstrap_indices, build_table1, build_table3, null_maps
+from aiba.align.templates import knowledge_templates
 
 CLASSES = ("Bass", "Drums", "Guitars", "Piano", "Strings", "Organ")
 

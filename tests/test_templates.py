@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from aiba import AibaError
-from aiba.audio import AUDIOLDM2_MEL, MelConfig, grid_row_hz, hz_to_mel, mel_band_hz, mel_grid, mel_to_hz
+from aiba.align.audio import AUDIOLDM2_MEL, MelConfig, grid_row_hz, hz_to_mel, mel_band_hz, mel_grid, mel_to_hz
 from aiba.data.slakh import PAPER_CLASSES, SlakhDataset
-from aiba import templates as TP
+from aiba.align import templates as TP
 
 
 def test_mel_scale_matches_librosa():

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from aiba import AttnTap, combined_patch
-from aiba.patch import xformers_inputs
-from aiba.probs import head_mean_probs
+from aiba.capture.patch import xformers_inputs
+from aiba.capture.probs import head_mean_probs
 
 xformers = pytest.importorskip("xformers.ops", reason="xformers not installed")
 

@@ -105,7 +105,7 @@ def _flat(out) -> list:
 def evaluate(name: str, family: str, case: Case) -> ZooRow:
     """Run one case three ways and compare (see the module docstring)."""
     from aiba import AttnTap, combined_patch
-    from aiba.tap import KINDS
+    from aiba.capture.tap import KINDS
 
     torch.manual_seed(0)
     with torch.no_grad():

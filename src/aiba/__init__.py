@@ -7,8 +7,8 @@
     maps = tap.maps()          # .overall (B, T, F), .layers {path: (B, T, F)}
 """
 from .errors import AibaError, AibaWarning
-from .patch import combined_patch
-from .tap import AttnTap, CallRecord, TapMaps
+from .capture.patch import combined_patch
+from .capture.tap import AttnTap, CallRecord, TapMaps
 
 __all__ = ["AttnTap", "CallRecord", "TapMaps", "combined_patch", "AibaError", "AibaWarning"]
 __version__ = "0.1.0"

@@ -22,13 +22,13 @@ from .errors import EXIT_CODES, AibaError
 
 # sub-command modules, in the order `aiba --help` lists them
 COMMANDS = [
-    "aiba.demo",
+    "aiba.tools.demo",
     "aiba.data.render",
-    "aiba.evaluate",
-    "aiba.report",
-    "aiba.bench",
-    "aiba.diagnose",
-    "aiba.train_reference",
+    "aiba.tools.eval",
+    "aiba.tools.report",
+    "aiba.tools.bench",
+    "aiba.tools.diagnose",
+    "aiba.tools.train_reference",
 ]
 
 _EXIT_MEANING = {

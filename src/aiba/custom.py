@@ -44,7 +44,7 @@ def word_indices(tokenizer, prompt: str, word: str) -> list[int]:
     are keys of the cross-attention), aiba's reference :class:`WordTokenizer`, or a callable
     ``prompt -> list of token strings``. AibaError naming the tokens when the word is absent.
     """
-    from .evaluate import instrument_token_indices
+    from .tools.eval import instrument_token_indices
 
     if not re.search(r"\w", word or ""):
         raise AibaError(f"word_indices: expected a word, got {word!r}")
@@ -79,7 +79,7 @@ def advance_steps(taps=None) -> list[int]:
     Call once after each denoising step inside ``combined_patch(...)``; with nested blocks
     every tap moves together, so no tap is left a step behind.
     """
-    from .patch import active_taps
+    from .capture.patch import active_taps
 
     taps = active_taps() if taps is None else tuple(taps)
     return [t.next_step() for t in taps]

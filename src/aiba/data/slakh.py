@@ -103,7 +103,7 @@ class Stem:
 
     def load_audio(self, sr: int | None = 16000):
         """Mono float32 audio at ``sr`` (AibaError naming the stem when missing or corrupt)."""
-        from ..audio import load_audio
+        from ..align.audio import load_audio
 
         if self.audio_path is None:
             raise AibaError(f"{self.name}: stem audio missing (no stems/{self.stem_id}.flac or .wav)")

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import AibaError
+from ..errors import AibaError
 
 __all__ = ["RunLock", "LOCK_NAME"]
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
-from .errors import AibaError
+from ..atomic import atomic_write
+from ..errors import AibaError
 
 __all__ = ["TrainSettings", "load_features", "sample_batch", "train", "register"]
 
@@ -56,10 +56,10 @@ def load_features(data, out: Path | None = None, split: str = "train", progress:
     Returns ``{"stems": [(track, class, feature (frames, 64) float32, active (frames,) bool)],
     "fingerprint": {...}}``; cached in ``out/features.npz`` when ``out`` is given.
     """
-    from .audio import AUDIOLDM2_MEL, mel_spectrogram
-    from .backends.reference import CLASSES, mel_to_feature
-    from .data.slakh import SlakhDataset
-    from .templates import active_frames
+    from ..align.audio import AUDIOLDM2_MEL, mel_spectrogram
+    from ..backends.reference import CLASSES, mel_to_feature
+    from ..data.slakh import SlakhDataset
+    from ..align.templates import active_frames
 
     cache = None if out is None else Path(out) / "features.npz"
     if cache is not None and cache.is_file():
@@ -95,7 +95,7 @@ class _Sampler:
     """Random crops and prompts, drawn from ``np.random.default_rng([seed, step])``."""
 
     def __init__(self, feats: dict, frames: int, mix_fraction: float, drop_prompt: float):
-        from .backends.reference import CLASSES
+        from ..backends.reference import CLASSES
 
         self.stems = feats["stems"]
         self.frames = frames
@@ -126,14 +126,14 @@ class _Sampler:
             if all(self.stems[i][3][s:s + self.frames].mean() >= 0.5 for i in idx):
                 if len(idx) == 1:
                     return self.stems[idx[0]][2][s:s + self.frames]
-                from .backends.reference import feature_to_mel, mel_to_feature
+                from ..backends.reference import feature_to_mel, mel_to_feature
 
                 p = sum(feature_to_mel(self.stems[i][2][s:s + self.frames]) for i in idx)
                 return mel_to_feature(p)
         return None
 
     def batch(self, rng, size: int):
-        from .backends.reference import PAIR_TEMPLATES, SINGLE_TEMPLATES, WORDS
+        from ..backends.reference import PAIR_TEMPLATES, SINGLE_TEMPLATES, WORDS
 
         xs, prompts = [], []
         while len(xs) < size:
@@ -201,7 +201,7 @@ def train(s: TrainSettings, *, progress: bool = True, command: str | None = None
     """Train (or resume) into ``s.out``; returns the provenance dict."""
     import torch
 
-    from .backends.reference import ReferenceModel, sha256_file
+    from ..backends.reference import ReferenceModel, sha256_file
 
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)

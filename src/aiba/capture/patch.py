@@ -7,7 +7,7 @@ output untouched; afterwards it hands the call to each active tap. The order per
    ``nn.Module._call_impl`` frame: its ``self``, ``args`` and ``kwargs``), the kind;
 2. each tap decides whether it selects the call (kind, layer, step) and records it;
 3. only for selected calls are the canonical inputs built (MHA projections, xformers
-   bias materialisation, ALiBi) and the probabilities recomputed (:mod:`aiba.probs`).
+   bias materialisation, ALiBi) and the probabilities recomputed (:mod:`aiba.capture.probs`).
 
 Anything that goes wrong after the kernel ran is put on the call's record (``rec.error``),
 warned once per layer and raised when maps are read: capture never breaks a forward.
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AibaError, AibaWarning
+from ..errors import AibaError, AibaWarning
 from .probs import AttnInputs
 from .tap import AttnTap
 

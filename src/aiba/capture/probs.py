@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import AibaError
+from ..errors import AibaError
 
 __all__ = ["AttnInputs", "chunk_rows", "prob_chunks", "head_mean_chunks", "head_mean_probs", "fold_pooled_item"]
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import atomic_write
-from .errors import AibaError
+from ..atomic import atomic_write
+from ..errors import AibaError
 
 __all__ = ["PlantedCrossAttention", "PlantedSite", "run_demo", "save_heatmap", "register"]
 
@@ -86,7 +86,7 @@ class PlantedSite(nn.Module):
 
 def run_demo(out: str | Path | None = "aiba-demo.png", target_T: int = 32, target_F: int = 16) -> dict:
     """Capture the planted model, check where its maps peak, optionally save a PNG."""
-    from . import AttnTap, combined_patch
+    from .. import AttnTap, combined_patch
 
     model = PlantedCrossAttention()
     content = list(range(1, model.n_tokens + 1))  # every key but the sink
@@ -134,7 +134,7 @@ def save_heatmap(grid: torch.Tensor, path: str | Path, title: str = "") -> Path:
 
 
 def _cmd(args) -> int:
-    from .settings import writable_file
+    from ..settings import writable_file
 
     writable_file("--out", args.out)
     report = run_demo(args.out)

@@ -1,9 +1,9 @@
 """AttnTap: what to capture, the per-call records, and the streaming T x F maps.
 
-A tap is handed each attention call by the kernel shims (:mod:`aiba.patch`) while a
+A tap is handed each attention call by the kernel shims (:mod:`aiba.capture.patch`) while a
 ``combined_patch(tap)`` block is active. For every call it keeps a small record; for the
-calls it selects it recomputes the exact probabilities (:mod:`aiba.probs`), pools text
-tokens and places queries on the latent lattice (:mod:`aiba.mapping`), then folds the
+calls it selects it recomputes the exact probabilities (:mod:`aiba.capture.probs`), pools text
+tokens and places queries on the latent lattice (:mod:`aiba.maps.mapping`), then folds the
 result into per-layer running sums on the call's device (Eq. 8). The sums stay on each
 layer's lattice and are resized to the grid when maps are read (resizing is linear); only
 ``keep="calls"``/``"steps"`` and ``aggregate="max"`` resize every call. Memory does not
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import mapping
-from .errors import AibaError, AibaWarning
+from ..maps import mapping
+from ..errors import AibaError, AibaWarning
 from .probs import AttnInputs, fold_pooled_item, head_mean_probs, prob_chunks
 
 
@@ -312,7 +312,7 @@ class AttnTap:
         aggregate: "mean" (weighted mean over layers and steps, Eq. 8) or "max" (cellwise
             max over the calls; weights only select).
         weights: "uniform", "late" (w_t = gamma^(N-1-t)), or a mapping layer -> non-negative
-            weight (layer-learned, see :func:`aiba.mapping.fit_layer_weights`).
+            weight (layer-learned, see :func:`aiba.maps.mapping.fit_layer_weights`).
         gamma: decay of "late".
         batch: with a CFG-doubled batch, which half to keep: "cond", "uncond" or "all".
         cfg: the backend's fact about the batch: None (not CFG-doubled: every item is kept),
@@ -638,7 +638,7 @@ class AttnTap:
         """The common cross call: one kept batch item (e.g. the conditional CFG half), no mask,
         one key head per query head, the whole (H, Lk, Lq) block within the budget. Folds the
         pooled probabilities straight into the layer's running sum (three kernels for float32,
-        five for half types; see :func:`aiba.probs.fold_pooled_item`). False: not applicable.
+        five for half types; see :func:`aiba.capture.probs.fold_pooled_item`). False: not applicable.
 
         What a layer needs (lattice, sum, pooling vector) is cached per layer as a plan, valid
         while the call's shapes, the layer's sum and the mapping settings stay the same (the

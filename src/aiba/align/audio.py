@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AibaError
+from ..errors import AibaError
 
 __all__ = [
     "MelConfig",

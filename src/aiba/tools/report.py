@@ -2,10 +2,10 @@
 
 Reads ``manifest.json``, the records (``records.jsonl`` and any shard files) and each
 record's ``maps/{id}.npz``; no model is loaded. Writes ``table1.{csv,md}``,
-``table3.{csv,md}``, ``tables.json`` and ``figures/*.png`` (see :mod:`aiba.figures`).
+``table3.{csv,md}``, ``tables.json`` and ``figures/*.png`` (see :mod:`aiba.tools.figures`).
 
 With ``weights=learned`` the per-layer maps of the ``fit`` records give non-negative layer
-weights summing to 1 (:func:`aiba.mapping.fit_layer_weights`, NNLS against their ground
+weights summing to 1 (:func:`aiba.maps.mapping.fit_layer_weights`, NNLS against their ground
 truth); the ``test`` records' maps are recombined with them (weighted mean of the layer
 maps for ``aggregate=mean``, max over the layers with positive weight for ``max``, as
 :meth:`aiba.AttnTap.maps` does) and only test records enter the tables. The weights and
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AibaError
+from ..errors import AibaError
 
 __all__ = ["build_report", "load_arrays", "learned_maps", "register"]
 
@@ -58,7 +58,7 @@ def learned_maps(layer_maps_fit, gts_fit, layer_maps_test, names, aggregate: str
     """Fit layer weights on held-out maps and recombine the test maps: ``(weights, (N, T, F))``."""
     import torch
 
-    from .mapping import fit_layer_weights
+    from ..maps.mapping import fit_layer_weights
 
     w = fit_layer_weights({n: torch.from_numpy(layer_maps_fit[:, i]) for i, n in enumerate(names)},
                           torch.from_numpy(gts_fit.astype(np.float32)))
@@ -84,10 +84,10 @@ def _table_csv(table) -> str:
 
 def build_report(run_dir, *, n_boot: int | None = None, figures: bool | None = None) -> dict:
     """Write the tables (and figures) of a run; returns ``tables.json``'s content."""
-    from .atomic import atomic_write
-    from .evaluate import _config_from_manifest, load_records, read_manifest
-    from .settings import integer
-    from .tables import NULLS, build_table1, build_table3
+    from ..atomic import atomic_write
+    from .eval import _config_from_manifest, load_records, read_manifest
+    from ..settings import integer
+    from ..align.tables import NULLS, build_table1, build_table3
 
     run = Path(run_dir)
     manifest = read_manifest(run)
@@ -149,10 +149,10 @@ def build_report(run_dir, *, n_boot: int | None = None, figures: bool | None = N
 def _cmd(args: argparse.Namespace) -> int:
     import contextlib
 
-    from .atomic import remove_stale_temps
-    from .evaluate import read_manifest
-    from .runlock import RunLock
-    from .settings import integer
+    from ..atomic import remove_stale_temps
+    from .eval import read_manifest
+    from ..runs.lock import RunLock
+    from ..settings import integer
 
     if args.n_boot is not None:
         integer("--n-boot", args.n_boot, lo=1)

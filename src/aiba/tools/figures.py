@@ -1,7 +1,7 @@
 """Figures of an ``aiba eval`` run (AIBA Figs. 2/3 style), drawn from the records' ``.npz`` files.
 
 Every map is drawn time on x (seconds), mel rows on y with the lowest band at the bottom
-and the y ticks labelled in Hz (:func:`aiba.audio.grid_row_hz`); the ground truth is
+and the y ticks labelled in Hz (:func:`aiba.align.audio.grid_row_hz`); the ground truth is
 outlined in white. Files under ``figures/``:
 
 - ``attention_vs_gt.png``: per class, an example map (prompt and seed in the title), the
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AibaWarning
-from .metrics import profile_correlation
+from ..errors import AibaWarning
+from ..align.metrics import profile_correlation
 
 __all__ = ["make_figures", "run_setting", "short_layer", "figure_attention_vs_gt", "figure_freq_profiles",
            "figure_layers", "figure_steps"]
@@ -48,7 +48,7 @@ def short_layer(name: str) -> str:
 
 
 def _hz_axis(ax, F: int, axis: str = "y") -> None:
-    from .audio import grid_row_hz
+    from ..align.audio import grid_row_hz
 
     hz = grid_row_hz(F)
     ticks, labels = [], []

@@ -13,7 +13,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-from .errors import AibaError
+from ..errors import AibaError
 
 __all__ = ["CallGroup", "MapHealth", "Diagnosis", "diagnose", "format_report", "load_factory", "register"]
 
@@ -197,12 +197,12 @@ def diagnose(backend, *, prompt: str = "a bass solo with drums", steps: int = 2,
     """
     import fnmatch
 
-    from . import AttnTap
-    from .backends import generic as G
-    from .mapping import find_lattice
+    from .. import AttnTap
+    from ..backends import generic as G
+    from ..maps.mapping import find_lattice
 
     if isinstance(backend, str):
-        from .backends import get
+        from ..backends import get
 
         backend = get(backend, tiny=tiny)
     backend.streams()  # a generic backend probes its model here: before the run hooks count
@@ -414,7 +414,7 @@ def _run(args) -> int:
     import contextlib
     import sys
 
-    from .settings import integer
+    from ..settings import integer
 
     integer("--steps", args.steps, lo=1, hi=10_000)
     integer("--seed", args.seed, lo=0)
@@ -430,7 +430,7 @@ def _run(args) -> int:
 
 def _diagnose_args(args):
     if args.model:
-        from .backends.generic import GenericBackend
+        from ..backends.generic import GenericBackend
 
         model, run = load_factory(args.model)
         backend = GenericBackend(model, run, latent_shape=_ints(args.latent_shape) if args.latent_shape else None,
@@ -438,7 +438,7 @@ def _diagnose_args(args):
     elif args.backend:
         if args.backend == "generic":
             raise AibaError("--backend generic needs --model package.module:factory")
-        from .backends import get
+        from ..backends import get
 
         backend = get(args.backend, tiny=args.tiny)
     else:

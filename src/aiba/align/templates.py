@@ -1,7 +1,7 @@
 """Instrument-band ground truth on the T x F grid (AIBA Sec. 2.2 "Templates").
 
-Three kinds, all boolean ``(T, F)`` masks on the grid of :mod:`aiba.audio` (axis 0 time,
-axis 1 mel rows low to high; Hz -> row through :func:`aiba.audio.grid_row_hz`, i.e. the
+Three kinds, all boolean ``(T, F)`` masks on the grid of :mod:`aiba.align.audio` (axis 0 time,
+axis 1 mel rows low to high; Hz -> row through :func:`aiba.align.audio.grid_row_hz`, i.e. the
 same Slaney mel scale, fmin/fmax and bilinear resize as the mel features; defaults
 AudioLDM2's 16 kHz / 64 mels / 0-8000 Hz):
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import AUDIOLDM2_MEL, MelConfig, grid_row_hz
-from .errors import AibaError
+from ..errors import AibaError
 
 __all__ = [
     "KNOWLEDGE_BANDS",

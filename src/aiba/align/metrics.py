@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import AibaError, AibaWarning
+from ..errors import AibaError, AibaWarning
 
 __all__ = [
     "as_array",

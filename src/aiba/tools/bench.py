@@ -76,8 +76,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AibaError
-from .patch import swap_everywhere
+from ..errors import AibaError
+from ..capture.patch import swap_everywhere
 
 __all__ = [
     "MODES",
@@ -126,7 +126,7 @@ class BenchConfig:
     target: tuple[int, int] = (128, 64)  # the tap's (target_T, target_F) grid
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None: 1 on the CPU (steady timings), torch's own on CUDA
-    per_call: bool = True  # also measure the per-call host overhead (aiba.bench.per_call)
+    per_call: bool = True  # also measure the per-call host overhead (aiba.tools.bench.per_call)
     per_call_calls: int = 200  # calls per timed block of the per-call measurement
 
     def __post_init__(self) -> None:
@@ -433,7 +433,7 @@ class _Mode:
             self.tap = self.new_tap()
 
     def new_tap(self):
-        from .tap import AttnTap
+        from ..capture.tap import AttnTap
 
         kinds = ("cross",) if self.name == "aiba-cross" else ("cross", "self")
         m = self.model
@@ -452,7 +452,7 @@ class _Mode:
         if self.eager is not None:
             return self.eager.patch()
         if self.tap is not None:
-            from .patch import combined_patch
+            from ..capture.patch import combined_patch
 
             return combined_patch(self.tap, model=self.model.module)
         return contextlib.nullcontext()
@@ -579,8 +579,8 @@ def _state(mode: _Mode, steps: int) -> tuple[int, int, int, int]:
 
 def _calls_per_forward(model: BenchModel, device: torch.device) -> dict[str, int]:
     """Attention calls of one forward by kind, as the tap tags them."""
-    from .patch import combined_patch
-    from .tap import AttnTap
+    from ..capture.patch import combined_patch
+    from ..capture.tap import AttnTap
 
     tap = AttnTap(kinds=())
     with torch.no_grad(), combined_patch(tap, model=model.module):
@@ -739,8 +739,8 @@ def per_call(device: str = "cpu", dtype: torch.dtype = torch.float32, calls: int
     Overheads are paired per repetition (mode minus its plain baseline in the same
     repetition): median, quartiles, min/max; every raw time is kept.
     """
-    from .patch import combined_patch
-    from .tap import AttnTap
+    from ..capture.patch import combined_patch
+    from ..capture.tap import AttnTap
 
     shape = dict(PER_CALL_SHAPE, **(shape or {}))
     dev = torch.device(device)
@@ -816,7 +816,7 @@ def format_per_call(pc: dict) -> str:
 
 
 def _info(cfg: BenchConfig) -> dict:
-    from . import __version__
+    from .. import __version__
 
     dev = torch.device(cfg.device)
     if dev.type == "cuda":
@@ -930,7 +930,7 @@ def format_table(result: dict) -> str:
 def _run_cli(args) -> int:
     import json
 
-    from .settings import integer, writable_file
+    from ..settings import integer, writable_file
 
     for name in ("batch", "reps", "steps", "threads"):
         if getattr(args, name) is not None:
@@ -970,6 +970,6 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 on the CPU, for steady timings on a shared machine; torch's on CUDA)")
     p.add_argument("--no-per-call", action="store_true", help="skip the per-call host-overhead measurement")
-    p.add_argument("--json", default=None, help="write the results here (schema: aiba.bench.SCHEMA)")
+    p.add_argument("--json", default=None, help="write the results here (schema: aiba.tools.bench.SCHEMA)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_run_cli)

@@ -5,12 +5,12 @@ For every instrument class and sample ``k`` (prompt template ``k % n_templates``
 map the scored attention streams to the ``(T, F)`` grid, and score it against the chosen
 ground truth:
 
-- ``knowledge``: the class's Hz band (:data:`aiba.templates.KNOWLEDGE_BANDS`) over all frames;
+- ``knowledge``: the class's Hz band (:data:`aiba.align.templates.KNOWLEDGE_BANDS`) over all frames;
 - ``data``: the class band of the data-driven templates built once from the dataset's stems
   (``data_templates.npz`` in the run directory; without ``--dataset`` a small mini-Slakh is
   rendered into the run directory first);
 - ``generated``: the knowledge band x the active frames of the generated clip's own mel
-  energy (:func:`aiba.templates.time_aligned_mask`).
+  energy (:func:`aiba.align.templates.time_aligned_mask`).
 
 Run directory (``runs/NAME``)::
 
@@ -56,10 +56,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write, remove_stale_temps
-from .errors import AibaError, AibaWarning
-from .runlock import LOCK_NAME, RunLock
-from .settings import fill_template, integer, number
+from ..atomic import atomic_write, remove_stale_temps
+from ..errors import AibaError, AibaWarning
+from ..runs.lock import LOCK_NAME, RunLock
+from ..settings import fill_template, integer, number
 
 __all__ = ["EvalConfig", "Sample", "DEFAULT_TEMPLATES", "INSTRUMENT_WORDS", "GT_KINDS", "plan",
            "run_eval", "merge", "report", "load_records", "load_prompts", "instrument_token_indices",
@@ -207,7 +207,7 @@ class Sample:
 # ---------------------------------------------------------------------------- settings
 def canonical_class(name: str) -> str:
     """``bass`` / ``Bass`` / ``guitar`` -> the paper class name (``Guitars``)."""
-    from .data.slakh import PAPER_CLASSES
+    from ..data.slakh import PAPER_CLASSES
 
     key = name.strip().lower()
     for c in PAPER_CLASSES:
@@ -511,7 +511,7 @@ def _dataset_root(cfg: EvalConfig, run: Path, rank: int) -> Path:
         _wait_for(done, "the mini-Slakh")
         return root
     if not done.is_file():
-        from .data.render import RenderConfig, make_dataset
+        from ..data.render import RenderConfig, make_dataset
 
         print(f"aiba eval: no --dataset: rendering a {cfg.render_tracks}-track mini-Slakh into {root}",
               file=sys.stderr)
@@ -523,14 +523,14 @@ def _dataset_root(cfg: EvalConfig, run: Path, rank: int) -> Path:
 
 def _data_templates(cfg: EvalConfig, run: Path, rank: int):
     """Data-driven templates: built once from the dataset's stems, saved in the run dir."""
-    from .templates import DataTemplates, build_data_templates
+    from ..align.templates import DataTemplates, build_data_templates
 
     path = run / "data_templates.npz"
     if not path.is_file():
         if rank != 0:
             _wait_for(path, "the data templates")
         else:
-            from .data.slakh import SlakhDataset
+            from ..data.slakh import SlakhDataset
 
             root = _dataset_root(cfg, run, rank)
             ds = SlakhDataset(root, split=cfg.template_split, on_missing="warn")
@@ -557,8 +557,8 @@ def _data_templates(cfg: EvalConfig, run: Path, rank: int):
 
 def _ground_truth(cfg: EvalConfig, cls: str, templates, audio, sr: int):
     """(T, F) bool GT and the clip's (T, F) mel energy."""
-    from .audio import MelConfig, mel_grid
-    from .templates import KNOWLEDGE_BANDS, band_rows, knowledge_template, time_aligned_mask
+    from ..align.audio import MelConfig, mel_grid
+    from ..align.templates import KNOWLEDGE_BANDS, band_rows, knowledge_template, time_aligned_mask
 
     T, F = cfg.grid
     mel_cfg = MelConfig(sr=sr, fmax=min(8000.0, sr / 2))
@@ -577,7 +577,7 @@ def _ground_truth(cfg: EvalConfig, cls: str, templates, audio, sr: int):
 
 def sample_metrics(m, g, threshold: float, normalize: str) -> dict:
     """Per-sample scores at the operating point plus AP, profile correlations, pointing game."""
-    from .metrics import binarize, confusion_counts, pointing_game, profile_correlation, scores_from_counts, tf_ap
+    from ..align.metrics import binarize, confusion_counts, pointing_game, profile_correlation, scores_from_counts, tf_ap
 
     counts = confusion_counts(binarize(m, threshold, normalize), g)
     s = scores_from_counts(counts)
@@ -619,7 +619,7 @@ def _scored_streams(backend, cfg: EvalConfig, prompt: str) -> dict:
 
 
 def _make_tap(ctx: _Ctx, sample: Sample):
-    from .tap import AttnTap
+    from ..capture.tap import AttnTap
 
     cfg = ctx.cfg
     T, F = cfg.grid
@@ -697,7 +697,7 @@ def _append(path: Path, rec: dict) -> None:
 
 
 def _get_backend(cfg: EvalConfig, rank: int):
-    from .backends import get
+    from ..backends import get
 
     if cfg.tiny:
         return get(cfg.backend, tiny=True, seed=cfg.seed)
@@ -854,7 +854,7 @@ def _config_from_manifest(manifest: dict) -> EvalConfig:
 
 
 def report(run_dir, *, n_boot: int | None = None, figures: bool | None = None) -> dict:
-    """Tables (and figures) from the records alone; see :func:`aiba.report.build_report`."""
+    """Tables (and figures) from the records alone; see :func:`aiba.tools.report.build_report`."""
     from .report import build_report
 
     return build_report(run_dir, n_boot=n_boot, figures=figures)
@@ -885,7 +885,7 @@ def _cmd(args: argparse.Namespace) -> int:
             merge(run)
         print(f"merged {run}: tables and figures written")
         return 0
-    if args.backend == "reference":  # the positive control: trained vs untrained vs nulls (aiba.control)
+    if args.backend == "reference":  # the positive control: trained vs untrained vs nulls (aiba.tools.control)
         from .control import run_from_args
 
         return run_from_args(args)

@@ -7,13 +7,13 @@ initial weights must not. Two scores per instrument class, each against its own 
 - **single prompts** ("a solo bass recording"): the instrument word's map scored against
   the class's band (matched), and the map of the same word position in a prompt of
   another class scored against the same band (the *shuffled-class null*: item i's band vs
-  the map of a random item of another class, :func:`aiba.tables.null_maps`);
+  the map of a random item of another class, :func:`aiba.align.tables.null_maps`);
 - **two-instrument prompts** ("bass and strings playing together"): word a's map scored
   against band a (matched), and word b's map *from the same generation* scored against
   band a (the *other-word null*); every generation gives one item per word.
 
 Score: average precision of the map's frequency profile (mean over time, ``(F,)``)
-ranking the mel rows of the band (:func:`aiba.metrics.tf_ap` on a ``(1, F)`` map), and
+ranking the mel rows of the band (:func:`aiba.align.metrics.tf_ap` on a ``(1, F)`` map), and
 the pointing game (is the profile's peak row inside the band). Confidence intervals:
 percentile bootstrap over the items of each class (paired: the null is resampled with the
 matched items). The control *holds* for a class when the matched score's CI lies above the
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
-from .errors import AibaError
+from ..atomic import atomic_write
+from ..errors import AibaError
 
 __all__ = ["ControlSettings", "WordItems", "score_items", "paired_bootstrap", "class_summary",
            "generate_word_maps", "run_control", "run_from_args", "format_markdown"]
@@ -80,7 +80,7 @@ class WordItems:
 # ------------------------------------------------------------------ scoring
 def profile_ap(map, band) -> float:
     """AP of the time-averaged map ``(F,)`` ranking the band's rows."""
-    from .metrics import tf_ap
+    from ..align.metrics import tf_ap
 
     prof = np.asarray(map, dtype=np.float64).reshape(-1, np.shape(band)[-1]).mean(0)  # (F,)
     return tf_ap(prof[None], np.asarray(band, dtype=bool)[None])
@@ -88,7 +88,7 @@ def profile_ap(map, band) -> float:
 
 def profile_pointing(map, band) -> float:
     """1 when the time-averaged map's peak row lies in the band (ties: expected hit rate)."""
-    from .metrics import pointing_game
+    from ..align.metrics import pointing_game
 
     prof = np.asarray(map, dtype=np.float64).reshape(-1, np.shape(band)[-1]).mean(0)
     return float(pointing_game(prof[None], np.asarray(band, dtype=bool)[None], ties="expected"))
@@ -123,7 +123,7 @@ def class_summary(items: WordItems, bands: dict, *, n_boot: int = 1000, seed: in
     ``bands``: class -> ``(F,)`` bool band. Returns ``{class: {"single": {"ap": ..., "pointing":
     ...}, "pair": {...}, "coverage": ..., "holds": bool}, "_sign_agreement": ...}``.
     """
-    from .tables import shuffled_index
+    from ..align.tables import shuffled_index
 
     rng = np.random.default_rng(seed)
     kind = np.asarray(items.kind)
@@ -170,7 +170,7 @@ def class_summary(items: WordItems, bands: dict, *, n_boot: int = 1000, seed: in
 # ------------------------------------------------------------------ generation
 def control_prompts(classes, s: ControlSettings) -> list[tuple]:
     """``[(kind, prompt, words (classes), seed)]`` of the control, in a fixed order."""
-    from .backends.reference import PAIR_TEMPLATES, SINGLE_TEMPLATES, WORDS
+    from ..backends.reference import PAIR_TEMPLATES, SINGLE_TEMPLATES, WORDS
 
     out = []
     for c in classes:
@@ -191,7 +191,7 @@ def generate_word_maps(backend, prompts, words, *, steps: int = 25, guidance_sca
 
     ``words[b]``: the words of prompt b whose maps are wanted (e.g. ``["bass"]``).
     """
-    from . import AttnTap
+    from .. import AttnTap
 
     T = frames or backend.frames
     decode, backend.audio = backend.audio, False  # maps only: no vocoder
@@ -210,7 +210,7 @@ def generate_word_maps(backend, prompts, words, *, steps: int = 25, guidance_sca
 
 def collect_items(backend, classes, s: ControlSettings, progress: bool = True):
     """Run every control prompt; returns (WordItems, mean generated feature per class)."""
-    from .backends.reference import WORDS
+    from ..backends.reference import WORDS
 
     plan = control_prompts(classes, s)
     items = WordItems()
@@ -245,8 +245,8 @@ def collect_items(backend, classes, s: ControlSettings, progress: bool = True):
 def control_bands(classes) -> dict:
     """``{"data": {class: (F,) band}, "knowledge": {...}}``: the shipped data-driven
     templates (mini-Slakh training stems) and the narrowed knowledge bands."""
-    from .backends.reference import shipped_templates
-    from .templates import knowledge_templates
+    from ..backends.reference import shipped_templates
+    from ..align.templates import knowledge_templates
 
     dt = shipped_templates()
     know = knowledge_templates(T=1, F=64)
@@ -262,7 +262,7 @@ def _fmt(d: dict, key: str = "ap") -> tuple[str, str]:
 
 def format_markdown(results: dict) -> str:
     """One table per (model, template): per class, matched vs null with CIs."""
-    from .templates import COVERAGE_FLAG
+    from ..align.templates import COVERAGE_FLAG
 
     lines = []
     for model, by_gt in results["models"].items():
@@ -300,7 +300,7 @@ def _figures(run: Path, items_by_model: dict, feats_by_model: dict, bands: dict)
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    from .audio import grid_row_hz
+    from ..align.audio import grid_row_hz
 
     hz = grid_row_hz(64)
     classes = list(bands["data"])
@@ -339,7 +339,7 @@ def _audio(run: Path, backend, classes, s: ControlSettings, tag: str) -> list[Pa
         return []
     import soundfile as sf
 
-    from .backends.reference import WORDS
+    from ..backends.reference import WORDS
 
     prompts = [f"a solo {WORDS[c]} recording" for c in classes]
     res = backend.generate(prompts, steps=s.steps, guidance_scale=s.guidance_scale, seed=s.seed,
@@ -359,7 +359,7 @@ def run_control(out, *, weights=("seed0",), untrained: bool = True, classes=None
                 settings: ControlSettings | None = None, progress: bool = True, figures: bool = True,
                 device: str = "cpu") -> dict:
     """Score trained (each of ``weights``) and untrained reference models; write the run folder."""
-    from .backends.reference import CLASSES, ReferenceBackend, load_weights
+    from ..backends.reference import CLASSES, ReferenceBackend, load_weights
 
     s = settings or ControlSettings()
     classes = tuple(classes or CLASSES)
@@ -396,7 +396,7 @@ def run_control(out, *, weights=("seed0",), untrained: bool = True, classes=None
 
 def run_from_args(args) -> int:
     """``aiba eval --backend reference``: the control from the shipped weights."""
-    from .backends.reference import CLASSES
+    from ..backends.reference import CLASSES
 
     classes = tuple(c for c in CLASSES if c.lower() in {x.strip().lower() for x in args.classes.split(",")})
     if not classes:

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import AibaError
+from ..errors import AibaError
 
 __all__ = [
     "POOLS",

@@ -6,8 +6,8 @@ instrument class plus Macro-avg x columns Precision, Recall, F1, IoU.
 
 Inputs are per-item arrays: ``maps`` ``(N, T, F)`` attention maps, ``gts`` ``(N, T, F)``
 binary ground truth, ``labels`` ``(N,)`` class names. Each map is binarised at one
-operating point (``threshold`` after ``normalize``, :func:`aiba.metrics.binarize`), cell
-counts are pooled as in :func:`aiba.metrics.average_scores`.
+operating point (``threshold`` after ``normalize``, :func:`aiba.align.metrics.binarize`), cell
+counts are pooled as in :func:`aiba.align.metrics.average_scores`.
 
 Every table carries null baselines, evaluated against the same ground truth:
 - ``uniform``: a constant map (binarises to every cell; precision = GT density, recall 1);
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import AibaError, AibaWarning
+from ..errors import AibaError, AibaWarning
 from .metrics import (as_array, average_scores, binarize, confusion_counts, profile_correlation,
                       pointing_game, scores_from_counts, tf_ap)
 
@@ -133,7 +133,7 @@ def class_coverage(gts, labels) -> dict:
 
 
 def flagged_classes(table: "AlignmentTable") -> list:
-    """Classes whose ground truth covers at least :data:`aiba.templates.COVERAGE_FLAG` of the cells."""
+    """Classes whose ground truth covers at least :data:`aiba.align.templates.COVERAGE_FLAG` of the cells."""
     from .templates import COVERAGE_FLAG
 
     return [c for c, v in (table.settings.get("coverage") or {}).items() if v >= COVERAGE_FLAG]
@@ -142,7 +142,7 @@ def flagged_classes(table: "AlignmentTable") -> list:
 def templates_to_gts(templates, labels, shape) -> np.ndarray:
     """``(N, T, F)`` ground truth: each item's class template, broadcast over time.
 
-    ``templates``: ``{class: (F,) band or (T, F) mask}`` (e.g. :func:`aiba.templates.knowledge_templates`
+    ``templates``: ``{class: (F,) band or (T, F) mask}`` (e.g. :func:`aiba.align.templates.knowledge_templates`
     or ``{c: data_templates.band(c)}``); ``shape``: the maps' ``(N, T, F)``.
     """
     N, T, F = shape
