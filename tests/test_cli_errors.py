@@ -178,7 +178,8 @@ def test_metadata_holding_a_number(tmp_path, bad_inputs, capsys):
 def test_manifest_of_a_run_without_records_is_taken_over(tmp_path, capsys):
     """A run that failed before its first record (here: an unknown stream, found once the
     model is loaded) leaves no manifest; a manifest of another record-less run is replaced."""
-    from aiba.tools.eval import EvalConfig, _check_manifest, _manifest
+    from aiba.runs.config import EvalConfig
+    from aiba.runs.manifest import check_manifest, manifest_for as _manifest
 
     out = tmp_path / "r"
     code, _, err = run_cli(["eval", *RUN_ARGS, "--out", out, "--streams", "nosuch"], capsys)
@@ -188,14 +189,14 @@ def test_manifest_of_a_run_without_records_is_taken_over(tmp_path, capsys):
     old = EvalConfig(out=str(out), tiny=True, seed=9, classes=("Bass", "Drums"))
     (out / "manifest.json").write_text(json.dumps(_manifest(old, 4, 1)))
     new = EvalConfig(out=str(out), tiny=True, seed=1, classes=("Bass", "Drums"))
-    _check_manifest(out, new, 4, 1)
+    check_manifest(out, new, 4, 1)
     assert json.loads((out / "manifest.json").read_text())["identity"]["seed"] == 1
     # ... but never once a record exists
     (out / "records.jsonl").write_text('{"id": "bass-0000"}\n')
     from aiba.errors import AibaError
 
     with pytest.raises(AibaError, match="other settings"):
-        _check_manifest(out, old, 4, 1)
+        check_manifest(out, old, 4, 1)
 
 
 def test_second_writer_is_refused_with_the_holder(finished_run, capsys):

@@ -16,8 +16,10 @@ from aiba.errors import AibaError, AibaWarning
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from aiba.tools.eval import (EvalConfig, instrument_token_indices, load_records, merge, plan,  # noqa: E402
-                           report, run_eval)
+from aiba.runs.config import EvalConfig, plan
+from aiba.tools.eval import instrument_token_indices, merge, run_eval
+from aiba.tools.report import build_report as report
+from aiba.runs.records import load_records
 
 FIGURES = ("attention_vs_gt.png", "freq_profiles.png", "layers_bass.png", "layers_drums.png", "steps.png")
 
@@ -196,7 +198,7 @@ def test_all_attention_and_subset_pooling(tmp_path, backend):
 
 
 def test_instrument_tokens_prompts_and_plan(tmp_path):
-    from aiba.tools.eval import load_prompts
+    from aiba.runs.config import load_prompts
 
     (tmp_path / "p.yaml").write_text("templates: ['{instrument} solo']\ninstruments: {guitars: electric guitar}\n")
     templates, words = load_prompts(tmp_path / "p.yaml")

@@ -44,14 +44,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import re
 import sys
 import time
-import zipfile
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,235 +57,23 @@ import numpy as np
 from ..atomic import atomic_write, remove_stale_temps
 from ..errors import AibaError, AibaWarning
 from ..runs.lock import LOCK_NAME, RunLock
-from ..settings import fill_template, integer, number
+from ..runs.config import (
+    DEFAULT_TEMPLATES,
+    EvalConfig,
+    GT_KINDS,
+    INSTRUMENT_WORDS,
+    Sample,
+    canonical_class,
+    load_prompts,
+    plan,
+)
+from ..runs.records import RECORDS, append_record, read_lines, load_records
+from ..runs.manifest import check_manifest, config_from_manifest, prepare_dir, read_manifest
 
-__all__ = ["EvalConfig", "Sample", "DEFAULT_TEMPLATES", "INSTRUMENT_WORDS", "GT_KINDS", "plan",
-           "run_eval", "merge", "report", "load_records", "load_prompts", "instrument_token_indices",
-           "dist_info", "register"]
-
-GT_KINDS = ("knowledge", "data", "generated")
-# Prompt templates cycled over a class's samples; {instrument} is the class's instrument word.
-DEFAULT_TEMPLATES = ("a solo {instrument} recording", "the sound of {instrument} playing alone")
-# Paper class -> the word(s) the prompt names it with; subset pooling keeps these tokens.
-INSTRUMENT_WORDS = {"Bass": "bass", "Drums": "drums", "Guitars": "guitar", "Piano": "piano",
-                    "Strings": "strings", "Organ": "organ"}
-# Settings that do not change a record: a rerun may change them freely.
-_FREE_FIELDS = ("out", "dataset", "n_boot", "device", "progress", "figures")
-RECORDS = "records.jsonl"
-_SHARD_RE = re.compile(r"^records\.rank(\d+)-of-(\d+)\.jsonl$")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Settings of one evaluation run; ``manifest.json`` records them (``None`` = the default
-    for the backend, fixed by :meth:`resolved`)."""
-
-    out: str = "runs/eval"
-    backend: str = "audioldm2"
-    tiny: bool = False  # the backend's offline random-weight model
-    model_id: str | None = None  # checkpoint for the real backend (None: the backend's default)
-    dtype: str | None = None  # "float16", "bfloat16", ... for the real backend
-    device: str | None = None  # None: cuda:LOCAL_RANK when available, else cpu
-    dataset: str | None = None  # Slakh-layout root (gt=data); None renders a mini-Slakh into out
-    classes: tuple = ("Bass", "Drums", "Guitars", "Piano", "Strings", "Organ")
-    templates: tuple = DEFAULT_TEMPLATES
-    instruments: tuple = tuple(INSTRUMENT_WORDS.items())  # (class, instrument word) pairs
-    samples_per_class: int | None = None  # None: 8 (real) / 2 (tiny)
-    steps: int | None = None  # denoising steps; None: 200 (the paper) / 10 (tiny)
-    guidance_scale: float | None = None  # None: the backend's default
-    seconds: float | None = None  # clip length; None: the backend's default
-    seed: int = 0  # sample k of every class uses seed + k
-    gt: str = "data"  # ground truth: knowledge | data | generated
-    pool: str = "mean"  # text-token pooling: mean | max | softmax | subset
-    aggregate: str = "mean"  # spatial aggregator over layers and steps: mean | max
-    weights: str = "uniform"  # uniform | late | learned (NNLS on the fit split, applied to test)
-    gamma: float = 0.9  # decay of weights="late"
-    kinds: str = "cross"  # cross: cross-attention only; all: cross + self
-    streams: tuple | None = None  # streams scored; None: the word streams (+ self with kinds=all)
-    grid: tuple = (128, 64)  # (T, F) of every map and GT
-    fit_fraction: float = 0.25  # weights=learned: share of each class's samples used to fit
-    threshold: float = 0.5  # operating point after normalisation
-    normalize: str = "max"
-    n_boot: int = 1000  # bootstrap resamples of the tables' CIs
-    step_maps: int = 4  # per-step maps kept per sample (evenly spaced steps)
-    template_split: str | None = "train"  # dataset split the data templates come from
-    template_stems: int = 64  # at most this many stems per class enter the data templates
-    render_tracks: int = 4  # mini-Slakh rendered when gt=data and no dataset is given
-    render_seconds: float = 4.0
-    progress: bool = True
-    figures: bool = True
-
-    def __post_init__(self):
-        def bad(what, value, allowed):
-            raise AibaError(f"eval: {what} must be one of {allowed}, got {value!r}")
-        if self.gt not in GT_KINDS:
-            bad("gt", self.gt, GT_KINDS)
-        if self.pool not in ("mean", "max", "softmax", "subset"):
-            bad("pool", self.pool, ("mean", "max", "softmax", "subset"))
-        if self.aggregate not in ("mean", "max"):
-            bad("aggregate", self.aggregate, ("mean", "max"))
-        if self.weights not in ("uniform", "late", "learned"):
-            bad("weights", self.weights, ("uniform", "late", "learned"))
-        if self.kinds not in ("cross", "all"):
-            bad("kinds", self.kinds, ("cross", "all"))
-        if len(self.grid) != 2 or min(self.grid) < 2:
-            raise AibaError(f"eval: grid must be (T, F) with sizes >= 2, got {self.grid}")
-        integer("eval: grid T", self.grid[0], lo=2, hi=1 << 16)
-        integer("eval: grid F", self.grid[1], lo=2, hi=1 << 16)
-        if not self.classes:
-            raise AibaError("eval: no classes")
-        dup = sorted({c for c in self.classes if list(self.classes).count(c) > 1})
-        if dup:
-            raise AibaError(f"eval: class(es) {dup} given more than once")
-        if not self.templates or any(not isinstance(t, str) or "{instrument}" not in t for t in self.templates):
-            raise AibaError(f"eval: every prompt template needs '{{instrument}}', got {list(self.templates)}")
-        try:
-            words = dict(self.instruments)
-        except (TypeError, ValueError):
-            raise AibaError(f"eval: instruments must be (class, word) pairs, got {self.instruments!r}") from None
-        bad_words = {c: w for c, w in words.items() if not isinstance(w, str) or not w.strip()}
-        if bad_words:
-            raise AibaError(f"eval: instrument words must be non-empty text, got {bad_words}")
-        missing = [c for c in self.classes if c not in words]
-        if missing:
-            raise AibaError(f"eval: no instrument word for class(es) {missing}; have {sorted(words)}")
-        for t in self.templates:  # every template filled once up front, with every class's word
-            for c in self.classes:
-                fill_template(t, {"instrument": words[c]}, "eval: prompt template")
-        number("eval --fit-fraction", self.fit_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
-        if self.samples_per_class is not None:
-            integer("eval --samples-per-class", self.samples_per_class, lo=1)
-        if self.steps is not None:
-            integer("eval --steps", self.steps, lo=1, hi=100_000)
-        if self.guidance_scale is not None:
-            number("eval --guidance-scale", self.guidance_scale)
-        if self.seconds is not None:
-            number("eval --seconds", self.seconds, lo=0, lo_open=True, hi=3600)
-        integer("eval --seed", self.seed, lo=0)
-        number("eval --gamma", self.gamma, lo=0, lo_open=True, hi=1)
-        number("eval --threshold", self.threshold, lo=0, hi=1)
-        integer("eval --n-boot", self.n_boot, lo=1)
-        integer("eval --step-maps", self.step_maps, lo=1)
-        integer("eval --template-stems", self.template_stems, lo=1)
-        integer("eval --render-tracks", self.render_tracks, lo=1)
-        number("eval --render-seconds", self.render_seconds, lo=0.5, hi=600)
-        if self.normalize not in ("max", "minmax", "none"):
-            bad("normalize", self.normalize, ("max", "minmax", "none"))
-
-    def resolved(self) -> "EvalConfig":
-        """Fill the backend-dependent defaults (steps, samples per class)."""
-        return replace(self,
-                       steps=self.steps if self.steps is not None else (10 if self.tiny else 200),
-                       samples_per_class=(self.samples_per_class if self.samples_per_class is not None
-                                          else (2 if self.tiny else 8)))
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))  # tuples -> lists, as the manifest stores them
-
-    def identity(self) -> dict:
-        """The settings every record depends on (compared with the manifest on resume)."""
-        d = self.resolved().to_dict()
-        return {k: v for k, v in d.items() if k not in _FREE_FIELDS}
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One generation of the plan."""
-
-    index: int  # position in the plan (sharding: rank index % world)
-    id: str  # e.g. "bass-0003"
-    cls: str
-    k: int  # sample number within the class
-    template: str
-    prompt: str
-    seed: int
-    role: str  # "test", or "fit" (weights=learned: used to fit the layer weights)
+__all__ = ["run_eval", "merge", "instrument_token_indices", "dist_info", "register"]
 
 
 # ---------------------------------------------------------------------------- settings
-def canonical_class(name: str) -> str:
-    """``bass`` / ``Bass`` / ``guitar`` -> the paper class name (``Guitars``)."""
-    from ..data.slakh import PAPER_CLASSES
-
-    key = name.strip().lower()
-    for c in PAPER_CLASSES:
-        if key in (c.lower(), INSTRUMENT_WORDS[c].lower()):
-            return c
-    raise AibaError(f"unknown class {name!r}; known: {', '.join(c.lower() for c in PAPER_CLASSES)}")
-
-
-def load_prompts(path) -> tuple[tuple, tuple]:
-    """Prompt templates (and optional instrument words) from a YAML file.
-
-    Either a list of templates, or a mapping ``{templates: [...], instruments: {class: word}}``.
-    Returns ``(templates, instruments)``; instruments default to :data:`INSTRUMENT_WORDS`.
-    """
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise AibaError(f"--prompts {p}: {'a folder, not a file' if p.is_dir() else 'file not found'}")
-    try:
-        text = p.read_bytes().decode("utf-8")
-        if "\x00" in text:
-            raise UnicodeDecodeError("utf-8", b"\x00", 0, 1, "NUL byte")
-    except UnicodeDecodeError:
-        raise AibaError(f"--prompts {p}: not a UTF-8 text file (YAML expected)") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        problem = getattr(e, "problem", None) or type(e).__name__
-        raise AibaError(f"--prompts {p}: malformed YAML{at} ({problem})") from None
-    words = dict(INSTRUMENT_WORDS)
-    if isinstance(data, dict):
-        unknown = sorted(str(k) for k in data if k not in ("templates", "instruments"))
-        if unknown:
-            raise AibaError(f"--prompts {p}: unknown key(s) {unknown}; expected 'templates:' and 'instruments:'")
-        templates = data.get("templates")
-        inst = data.get("instruments") or {}
-        if not isinstance(inst, dict):
-            raise AibaError(f"--prompts {p}: 'instruments:' must map class to word (e.g. 'bass: electric bass'), "
-                            f"got a {type(inst).__name__}: {inst!r}")
-        for k, v in inst.items():
-            if not isinstance(v, str) or not v.strip():
-                raise AibaError(f"--prompts {p}: instrument word of {k!r} must be non-empty text, got {v!r}")
-            words[canonical_class(str(k))] = v
-    else:
-        templates = data
-    if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
-        shown = repr(data)
-        shown = shown if len(shown) <= 120 else shown[:117] + "..."
-        raise AibaError(f"--prompts {p}: expected a list of prompt templates (or a mapping with 'templates:'), "
-                        f"got {shown}")
-    for t in templates:
-        if "{instrument}" not in t:
-            raise AibaError(f"--prompts {p}: template {t!r} has no '{{instrument}}'")
-        for w in words.values():
-            fill_template(t, {"instrument": w}, f"--prompts {p}: template")
-    return tuple(templates), tuple(words.items())
-
-
-def plan(cfg: EvalConfig) -> list[Sample]:
-    """Every sample of the run, in a fixed order (classes, then k)."""
-    cfg = cfg.resolved()
-    words = dict(cfg.instruments)
-    n = cfg.samples_per_class
-    fit = set()
-    if cfg.weights == "learned":
-        if n < 2:
-            raise AibaError("weights=learned needs samples_per_class >= 2 (some to fit, some to test)")
-        n_fit = min(n - 1, max(1, math.ceil(cfg.fit_fraction * n)))
-        rng = np.random.default_rng([cfg.seed, 7])  # the same fit ks for every class
-        fit = set(int(k) for k in rng.permutation(n)[:n_fit])
-    out = []
-    for cls in cfg.classes:
-        for k in range(n):
-            t = cfg.templates[k % len(cfg.templates)]
-            out.append(Sample(len(out), f"{cls.lower()}-{k:04d}", cls, k, t, fill_template(t, {"instrument": words[cls]}),
-                              cfg.seed + k, "fit" if k in fit else "test"))
-    return out
 
 
 def dist_info() -> tuple[int, int]:
@@ -329,168 +115,6 @@ def instrument_token_indices(tokens, words: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- run dir
-def _git_revision() -> str | None:
-    import subprocess
-
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        if not rev:
-            return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for name in ("aiba", "torch", "diffusers", "transformers", "numpy", "librosa"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _manifest(cfg: EvalConfig, n_samples: int, world: int) -> dict:
-    return {"tool": "aiba eval", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),
-            "git_revision": _git_revision(), "backend": {"name": cfg.backend, "tiny": cfg.tiny,
-                                                         "model_id": cfg.model_id, "dtype": cfg.dtype},
-            "seeds": {"base": cfg.seed, "rule": "sample k of every class uses seed + k"},
-            "samples": n_samples, "world_size": world, "config": cfg.resolved().to_dict(),
-            "identity": cfg.identity()}
-
-
-def _has_results(run: Path) -> bool:
-    """Whether a run directory holds any record (a non-empty record file or a saved map)."""
-    if any(f.stat().st_size > 0 for f in _record_files(run)):
-        return True
-    return (run / "maps").is_dir() and any((run / "maps").glob("*.npz"))
-
-
-def _check_manifest(run: Path, cfg: EvalConfig, n_samples: int, world: int, *, write: bool = True) -> None:
-    """Compare the run's manifest with ``cfg`` (refusing other settings), and write it
-    (``write``) when absent. A manifest with other settings whose run produced no record
-    (it failed before its first sample) is replaced."""
-    path = run / "manifest.json"
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())["identity"]
-            if not isinstance(old, dict):
-                raise ValueError(f"identity is {type(old).__name__}")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise AibaError(f"{path}: unreadable manifest ({e}); move it away to start over") from None
-        new = cfg.identity()
-        diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
-        if not diff:
-            return
-        if _has_results(run):
-            raise AibaError(f"{run} was written with other settings {diff} (manifest, now): "
-                            "rerun with the same settings or use another --out")
-        if not write:
-            return
-        print(f"aiba eval: {run}: its manifest came from a run with other settings that wrote no record; "
-              "replaced (with the assets built for those settings)", file=sys.stderr)
-        import shutil
-
-        for asset in ("data_templates.npz", "mini_slakh"):  # built for the old settings
-            p = run / asset
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    elif not write:
-        return
-    atomic_write(path, json.dumps(_manifest(cfg, n_samples, world), indent=2))
-
-
-def _prepare_dir(run: Path) -> None:
-    """Create the run directory (and maps/) or say why it cannot be one."""
-    for d in (run, run / "maps"):
-        if d.exists() and not d.is_dir():
-            raise AibaError(f"--out {run}: {d} is a file, not a folder; move it away or choose another --out",
-                            kind="io")
-    (run / "maps").mkdir(parents=True, exist_ok=True)
-    if not os.access(run, os.W_OK):
-        raise AibaError(f"--out {run}: the folder is not writable; check its permissions or choose another --out",
-                        kind="io")
-
-
-def _read_lines(path: Path):
-    """(good records, problems) of one JSONL file; a record needs its keys and its .npz."""
-    good, problems = [], []
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if i == len(lines) and not raw.endswith(b"\n"):
-            problems.append(f"{path.name}:{i}: incomplete last line ({len(line)} bytes)")
-            continue
-        try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict) or not {"id", "class", "metrics", "maps"} <= set(rec):
-                raise ValueError("missing keys")
-        except ValueError as e:
-            problems.append(f"{path.name}:{i}: corrupt record ({e})")
-            continue
-        npz = path.parent / rec["maps"]
-        try:
-            with np.load(npz) as z:
-                if not {"map", "gt"} <= set(z.files):
-                    raise ValueError("no map/gt arrays")
-                for key in z.files:  # decompress every member: a truncated archive fails here
-                    z[key]
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            problems.append(f"{path.name}:{i}: record {rec['id']!r}: maps file {rec['maps']} unreadable ({e})")
-            continue
-        good.append(rec)
-    return good, problems
-
-
-def _record_files(run: Path) -> list[Path]:
-    files = [run / RECORDS] if (run / RECORDS).is_file() else []
-    return files + sorted(p for p in run.glob("records.rank*.jsonl") if _SHARD_RE.match(p.name))
-
-
-def _same(a: dict, b: dict) -> bool:
-    keys = ("class", "prompt", "seed", "role", "metrics")
-    return all(a.get(k) == b.get(k) for k in keys)
-
-
-def load_records(run_dir, *, report_problems: bool = True) -> tuple[list[dict], list[str]]:
-    """Every good record of a run (single file and shards), deduplicated by id.
-
-    Returns ``(records in plan order, problems)``; problems (corrupt lines, unreadable maps,
-    conflicting duplicates) are also warned about when ``report_problems``.
-    """
-    run = Path(run_dir)
-    files = _record_files(run)
-    if not files:
-        raise AibaError(f"no records in {run} (no {RECORDS} or records.rank*-of-*.jsonl)")
-    by_id: dict = {}
-    problems: list[str] = []
-    for f in files:
-        good, bad = _read_lines(f)
-        problems += bad
-        for rec in good:
-            old = by_id.get(rec["id"])
-            if old is None:
-                by_id[rec["id"]] = rec
-            elif not _same(old, rec):
-                problems.append(f"conflict: record {rec['id']!r} differs between shards ({f.name} vs an earlier "
-                                "file); kept the first")
-    if report_problems:
-        for p in problems:
-            warnings.warn(p, AibaWarning, stacklevel=2)
-    recs = sorted(by_id.values(), key=lambda r: r.get("index", 0))
-    return recs, problems
 
 
 # ---------------------------------------------------------------------------- ground truth
@@ -688,14 +312,6 @@ def _run_sample(ctx: _Ctx, sample: Sample) -> dict:
             "seconds": seconds, "sample_rate": int(res.sample_rate), "time_s": round(time.time() - t0, 3)}
 
 
-def _append(path: Path, rec: dict) -> None:
-    line = (json.dumps(rec, sort_keys=True) + "\n").encode()
-    with open(path, "ab") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _get_backend(cfg: EvalConfig, rank: int):
     from ..backends import get
 
@@ -733,8 +349,8 @@ def run_eval(cfg: EvalConfig, *, rank: int | None = None, world: int | None = No
     if cfg.dataset is not None and not Path(cfg.dataset).is_dir():
         raise AibaError(f"--dataset {cfg.dataset}: no such folder (a Slakh-layout root is expected)")
     if rank == 0:
-        _check_manifest(run, cfg, len(samples), world, write=False)  # refuse other settings before writing
-    _prepare_dir(run)
+        check_manifest(run, cfg, len(samples), world, write=False)  # refuse other settings before writing
+    prepare_dir(run)
     lock = RunLock(run, what=f"aiba eval{f' rank {rank}/{world}' if world > 1 else ''}",
                    name=LOCK_NAME if world == 1 else f"{LOCK_NAME}.rank{rank}-of-{world}")
     with lock:
@@ -746,12 +362,12 @@ def run_eval(cfg: EvalConfig, *, rank: int | None = None, world: int | None = No
 def _run_locked(cfg, run: Path, samples, rank: int, world: int, backend, on_record) -> Path:
     if rank != 0:
         _wait_for(run / "manifest.json", "the manifest")
-        _check_manifest(run, cfg, len(samples), world)
+        check_manifest(run, cfg, len(samples), world)
     mine = [s for s in samples if s.index % world == rank]
     out_file = run / (RECORDS if world == 1 else f"records.rank{rank}-of-{world}.jsonl")
     done: set = set()
     if out_file.is_file():
-        good, problems = _read_lines(out_file)
+        good, problems = read_lines(out_file)
         for p in problems:
             msg = f"{p}: reported and redone"
             warnings.warn(msg, AibaWarning, stacklevel=2)
@@ -770,7 +386,7 @@ def _run_locked(cfg, run: Path, samples, rank: int, world: int, backend, on_reco
         ctx = _Ctx(backend or _get_backend(cfg, rank), cfg, run)
         ctx.streams = _scored_streams(ctx.backend, cfg, todo[0].prompt)
     if rank == 0:
-        _check_manifest(run, cfg, len(samples), world)
+        check_manifest(run, cfg, len(samples), world)
     templates = None
     if cfg.gt == "data" and (todo or rank == 0):  # rank 0 builds the shared assets even with no samples
         templates = _data_templates(cfg, run, rank)
@@ -784,14 +400,16 @@ def _run_locked(cfg, run: Path, samples, rank: int, world: int, backend, on_reco
             for s in todo:
                 bar.set_postfix_str(s.id)
                 rec = _run_sample(ctx, s)
-                _append(out_file, rec)
+                append_record(out_file, rec)
                 bar.update(1)
                 if on_record is not None:
                     on_record(rec)
         finally:
             bar.close()
     if world == 1:
-        report(run, n_boot=cfg.n_boot, figures=cfg.figures)
+        from .report import build_report
+
+        build_report(run, n_boot=cfg.n_boot, figures=cfg.figures)
     else:
         print(f"aiba eval: rank {rank} done ({len(mine)} samples in {out_file.name}); when every rank has "
               f"finished run: aiba eval --merge {run}", file=sys.stderr)
@@ -812,52 +430,15 @@ def merge(run_dir) -> Path:
     expected = manifest.get("samples")
     if expected is not None and len(recs) != expected:
         have = {r["id"] for r in recs}
-        cfg = _config_from_manifest(manifest)
+        cfg = config_from_manifest(manifest)
         missing = [s.id for s in plan(cfg) if s.id not in have]
         print(f"aiba eval --merge: {len(missing)} of {expected} samples missing ({missing[:6]}"
               f"{'...' if len(missing) > 6 else ''}); rerun the ranks to complete them", file=sys.stderr)
     atomic_write(run / RECORDS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
-    report(run)
-    return run
-
-
-def read_manifest(run) -> dict:
-    """The manifest of an ``aiba eval`` run directory, or an error saying what is wrong with it."""
-    path = Path(run) / "manifest.json"
-    if not Path(run).is_dir():
-        raise AibaError(f"{run}: no such run directory")
-    if not path.is_file():
-        raise AibaError(f"{run}: no manifest.json (not an aiba eval run directory)")
-    try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise AibaError(f"{path}: corrupt manifest ({type(e).__name__}: {e}); restore it or rerun aiba eval "
-                        "with the run's settings into a fresh --out") from None
-    if not isinstance(manifest, dict) or manifest.get("tool") != "aiba eval" or not isinstance(
-            manifest.get("config"), dict):
-        raise AibaError(f"{path}: not a manifest written by aiba eval (no 'tool: aiba eval' and 'config')")
-    return manifest
-
-
-def _config_from_manifest(manifest: dict) -> EvalConfig:
-    try:
-        d = dict(manifest["config"])
-        for k in ("classes", "templates", "grid"):
-            d[k] = tuple(d[k])
-        d["instruments"] = tuple(tuple(p) for p in d["instruments"])
-        if d.get("streams") is not None:
-            d["streams"] = tuple(d["streams"])
-        return EvalConfig(**d)
-    except (KeyError, TypeError, ValueError) as e:
-        raise AibaError(f"manifest.json: config unusable ({type(e).__name__}: {e}); "
-                        "was it written by another aiba version?") from None
-
-
-def report(run_dir, *, n_boot: int | None = None, figures: bool | None = None) -> dict:
-    """Tables (and figures) from the records alone; see :func:`aiba.tools.report.build_report`."""
     from .report import build_report
 
-    return build_report(run_dir, n_boot=n_boot, figures=figures)
+    build_report(run)
+    return run
 
 
 # ---------------------------------------------------------------------------- CLI

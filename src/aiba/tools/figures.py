@@ -25,18 +25,18 @@ import numpy as np
 
 from ..errors import AibaWarning
 from ..align.metrics import profile_correlation
+from ..runs.config import run_setting
 
-__all__ = ["make_figures", "run_setting", "short_layer", "figure_attention_vs_gt", "figure_freq_profiles",
-           "figure_layers", "figure_steps"]
+__all__ = [
+    "make_figures",
+    "short_layer",
+    "figure_attention_vs_gt",
+    "figure_freq_profiles",
+    "figure_layers",
+    "figure_steps",
+]
 
 _HZ_TICKS = (50, 100, 250, 500, 1000, 2000, 4000, 8000)
-
-
-def run_setting(cfg, scored: int | None = None) -> str:
-    """A run's settings in one line, as the tables and the figures caption them."""
-    s = (f"backend {cfg.backend}{' (tiny)' if cfg.tiny else ''}, gt={cfg.gt}, pool={cfg.pool}, "
-         f"aggregate={cfg.aggregate}, weights={cfg.weights}, kinds={cfg.kinds}, steps={cfg.steps}")
-    return s if scored is None else f"{s}, {scored} scored samples"
 
 
 def short_layer(name: str) -> str:

@@ -24,34 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AibaError
+from ..runs.records import load_arrays
 
-__all__ = ["build_report", "load_arrays", "learned_maps", "register"]
-
-
-def load_arrays(run: Path, recs: list[dict], layers: bool = False) -> dict:
-    """Stack the records' maps: ``map`` (N, T, F), ``gt`` (N, T, F), ``mel`` (N, T, F), and with
-    ``layers`` ``layer_maps`` (N, L, T, F) and ``layer_names``."""
-    out: dict = {"map": [], "gt": [], "mel": []}
-    names = None
-    if layers:
-        out["layer_maps"] = []
-    for r in recs:
-        with np.load(run / r["maps"]) as z:
-            out["map"].append(z["map"])
-            out["gt"].append(z["gt"].astype(bool))
-            out["mel"].append(z["mel"] if "mel" in z.files else np.zeros_like(z["map"]))
-            if layers:
-                n = [str(x) for x in z["layer_names"]]
-                if names is None:
-                    names = n
-                elif n != names:
-                    raise AibaError(f"record {r['id']!r}: layers {n[:3]}... differ from the first record's "
-                                    f"{names[:3]}...; cannot combine layer maps")
-                out["layer_maps"].append(z["layer_maps"])
-    arrays = {k: np.stack(v) for k, v in out.items() if v}
-    if layers:
-        arrays["layer_names"] = names or []
-    return arrays
+__all__ = ["build_report", "learned_maps", "register"]
 
 
 def learned_maps(layer_maps_fit, gts_fit, layer_maps_test, names, aggregate: str = "mean"):
@@ -85,13 +60,15 @@ def _table_csv(table) -> str:
 def build_report(run_dir, *, n_boot: int | None = None, figures: bool | None = None) -> dict:
     """Write the tables (and figures) of a run; returns ``tables.json``'s content."""
     from ..atomic import atomic_write
-    from .eval import _config_from_manifest, load_records, read_manifest
+    from ..runs.config import run_setting
+    from ..runs.manifest import config_from_manifest, read_manifest
+    from ..runs.records import load_records
     from ..settings import integer
     from ..align.tables import NULLS, build_table1, build_table3
 
     run = Path(run_dir)
     manifest = read_manifest(run)
-    cfg = _config_from_manifest(manifest)
+    cfg = config_from_manifest(manifest)
     n_boot = cfg.n_boot if n_boot is None else integer("n_boot", n_boot, lo=1)
     figures = cfg.figures if figures is None else figures
     recs, problems = load_records(run)
@@ -129,9 +106,7 @@ def build_report(run_dir, *, n_boot: int | None = None, figures: bool | None = N
                       seed=cfg.seed, extras=True, nulls=nulls)
     t3 = build_table3(maps[test], gts[test], labels[test], cfg.threshold, cfg.normalize, classes=classes,
                       n_boot=n_boot, seed=cfg.seed, nulls=nulls)
-    setting = (f"backend {cfg.backend}{' (tiny)' if cfg.tiny else ''}, gt={cfg.gt}, pool={cfg.pool}, "
-               f"aggregate={cfg.aggregate}, weights={cfg.weights}, kinds={cfg.kinds}, steps={cfg.steps}, "
-               f"{int(test.sum())} scored samples")
+    setting = run_setting(cfg, int(test.sum()))
     for name, t in (("table1", t1), ("table3", t3)):
         atomic_write(run / f"{name}.md", t.to_markdown() + f"\n\nRun: {setting}.\n")
         atomic_write(run / f"{name}.csv", _table_csv(t))
@@ -150,7 +125,7 @@ def _cmd(args: argparse.Namespace) -> int:
     import contextlib
 
     from ..atomic import remove_stale_temps
-    from .eval import read_manifest
+    from ..runs.manifest import read_manifest
     from ..runs.lock import RunLock
     from ..settings import integer
 
