@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
     ap.add_argument("--full-size", action=argparse.BooleanOptionalAction, default=None,
                     help="default: full size on CUDA, CPU-sized on the CPU")
-    ap.add_argument("--backends", default="audioldm2,stable-audio", help=f"comma-separated subset of {bench.BACKENDS}")
+    ap.add_argument("--backends", default="audioldm2,stable-audio", help=f"comma-separated subset of {bench.BENCH_BACKENDS}")
     ap.add_argument("--modes", default=",".join(bench.MODES))
     ap.add_argument("--reps", type=int, default=None, help="default: 10 on CUDA, 5 on the CPU")
     ap.add_argument("--warmup", type=int, default=None, help="default: 3 on CUDA, 1 on the CPU")

@@ -59,8 +59,8 @@ class StageTimer:
         return _patch(owner, attr, wrapped)
 
     def wrap_on_call(self, cls):
-        """tap._on_call, split by whether the call was captured (recomputed and mapped)."""
-        orig = cls._on_call
+        """tap.on_call, split by whether the call was captured (recomputed and mapped)."""
+        orig = cls.on_call
         timer = self
 
         def wrapped(*a, **k):
@@ -68,10 +68,10 @@ class StageTimer:
             rec = orig(*a, **k)
             timer.sync()
             which = "captured" if rec is not None and rec.captured else "not captured"
-            timer.ms[f"_on_call total ({which})"].append((timer.fwd, (time.perf_counter() - t0) * 1e3))
+            timer.ms[f"on_call total ({which})"].append((timer.fwd, (time.perf_counter() - t0) * 1e3))
             return rec
 
-        return _patch(cls, "_on_call", wrapped)
+        return _patch(cls, "on_call", wrapped)
 
 
 @contextlib.contextmanager
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     from aiba.capture import patch, tap as tapmod
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", default="audioldm2", choices=bench.BACKENDS)
+    ap.add_argument("--backend", default="audioldm2", choices=bench.BENCH_BACKENDS)
     ap.add_argument("--size", default="default", choices=bench.SIZES)
     ap.add_argument("--model", default=None, help="model name when the backend builds several (default: the last)")
     ap.add_argument("--mode", default="aiba-cross", choices=("aiba-cross", "aiba-all"))
@@ -108,18 +108,18 @@ def main(argv=None) -> int:
     models = bench.build_models(cfg)
     model = next(m for m in models if m.name == a.model) if a.model else models[-1]
     dev = torch.device(a.device)
-    none, cap = bench._Mode("none", model, cfg), bench._Mode(a.mode, model, cfg)
+    none, cap = bench.Mode("none", model, cfg), bench.Mode(a.mode, model, cfg)
     timer = StageTimer()
     if dev.type == "cuda":
         timer.sync = lambda: torch.cuda.synchronize(dev)
 
     with torch.no_grad():
         for _ in range(2):
-            bench._timed_forward(none, dev), bench._timed_forward(cap, dev)
+            bench.timed_forward(none, dev), bench.timed_forward(cap, dev)
         t_none, t_cap = [], []
         for _ in range(a.reps):
-            t_none.append(bench._timed_forward(none, dev))
-            t_cap.append(bench._timed_forward(cap, dev))
+            t_none.append(bench.timed_forward(none, dev))
+            t_cap.append(bench.timed_forward(cap, dev))
         # staged run (the wrappers add a little time of their own)
         with contextlib.ExitStack() as st:
             st.enter_context(timer.wrap(patch, "_issuer", "issuing module (_issuer)"))
@@ -133,9 +133,9 @@ def main(argv=None) -> int:
             t_staged = []
             for i in range(a.reps):
                 timer.fwd = i
-                t_staged.append(bench._timed_forward(cap, dev))
+                t_staged.append(bench.timed_forward(cap, dev))
         calls = sum(1 for r in cap.tap.store) if cap.tap.store else None
-        enter = bench._enter_ms(cap, dev)
+        enter = bench.enter_ms(cap, dev)
         top = None
         if a.top:
             from torch.profiler import ProfilerActivity, profile
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         for i, ms in v:
             sums[i] += ms
         per_fwd[k] = statistics.median(sums)
-    on_call = {k: (per_fwd.pop(k), calls_fwd.pop(k)) for k in list(per_fwd) if k.startswith("_on_call")}
+    on_call = {k: (per_fwd.pop(k), calls_fwd.pop(k)) for k in list(per_fwd) if k.startswith("on_call")}
     if top:
         print(top)
     print(f"model {model.name} ({model.params / 1e6:.1f}M params, latent {model.latent_shape}), device {a.device}, "

@@ -57,13 +57,13 @@ def test_ratios_with_injected_times(monkeypatch):
     """Times fed in per mode come out as medians and ratios exactly."""
     fake = {"none": [10.0, 30.0, 20.0], "eager": [40.0, 60.0, 50.0], "aiba-cross": [21.0, 22.0, 23.0]}
     seen = {m: iter(v) for m, v in fake.items()}
-    real = bench._timed_forward
+    real = bench.timed_forward
 
     def timed(mode, device):
         real(mode, device)  # still runs the forward in the mode's block
         return next(seen[mode.name])
 
-    monkeypatch.setattr(bench, "_timed_forward", timed)
+    monkeypatch.setattr(bench, "timed_forward", timed)
     cfg = bench.BenchConfig(backend="generic", size="tiny", modes=tuple(fake), reps=3, warmup=0, steps=2)
     model = bench.build_models(cfg)[0]
     rows = bench.bench_model(model, cfg)["modes"]
@@ -114,7 +114,7 @@ def test_keep_probs_counts_host_copies():
     """A tap asked to keep probabilities copies them: the counter sees it."""
     cfg = bench.BenchConfig(backend="generic", size="tiny", modes=("none", "aiba-cross"), reps=1, warmup=0, steps=2)
     model = bench.build_models(cfg)[0]
-    mode = bench._Mode("aiba-cross", model, cfg)
+    mode = bench.Mode("aiba-cross", model, cfg)
     mode.tap.keep = frozenset({"probs"})
     with torch.no_grad():
         bench._counts(mode, torch.device("cpu"))  # the first call per key length builds (and syncs on) its pooling weights
@@ -206,8 +206,8 @@ def test_timed_forward_warms_up_inside_the_block():
     inside = []
     fwd = model.forward
     model.forward = lambda: (inside.append(bool(active_taps())), fwd())[1]
-    mode = bench._Mode("aiba-cross", model, cfg)
-    bench._timed_forward(mode, torch.device("cpu"))
+    mode = bench.Mode("aiba-cross", model, cfg)
+    bench.timed_forward(mode, torch.device("cpu"))
     assert inside == [True, True]
     assert mode.tap.step == 2  # the warm-up forward and the timed one are separate steps
 

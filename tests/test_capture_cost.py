@@ -209,9 +209,9 @@ def test_nonfinite_inputs_warn_once_per_layer_and_maps_are_produced():
     bad[0, 1, 3, 2] = float("nan")
     tap = AttnTap(4, 4, latent_shape=(4, 4), content=[0, 1])
     for step in range(2):
-        tap._on_call("sdpa", "good", "cross", "module", AttnInputs(q, k))
-        tap._on_call("sdpa", "bad", "cross", "module", AttnInputs(bad, k))
-        tap._on_call("sdpa", "inf", "cross", "module", AttnInputs(q, k.clone().index_fill_(2, torch.tensor([1]), float("inf"))))
+        tap.on_call("sdpa", "good", "cross", "module", AttnInputs(q, k))
+        tap.on_call("sdpa", "bad", "cross", "module", AttnInputs(bad, k))
+        tap.on_call("sdpa", "inf", "cross", "module", AttnInputs(q, k.clone().index_fill_(2, torch.tensor([1]), float("inf"))))
         tap.next_step()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -249,9 +249,9 @@ def test_recompute_tensor_bytes_within_budget(shape, what):
         kind = "self" if what == "self" else "cross"
         tap = AttnTap(pool="max" if what == "cross-max" else "mean", kinds=(kind,), budget_bytes=budget,
                       latent_shape=(lq if kind == "cross" else lk,), content=list(range(5)))
-        tap._on_call("sdpa", "L", kind, "module", x)  # the layer's sum and weights exist from here on
+        tap.on_call("sdpa", "L", kind, "module", x)  # the layer's sum and weights exist from here on
         with LiveBytes() as m:
-            tap._on_call("sdpa", "L", kind, "module", x)
+            tap.on_call("sdpa", "L", kind, "module", x)
     assert m.peak <= 1.05 * budget, f"{m.peak / budget:.3f} x budget"
     assert m.peak >= 0.5 * budget, f"chunks use only {m.peak / budget:.3f} x budget"
 
@@ -275,10 +275,10 @@ _RSS_SCRIPT = textwrap.dedent(
     x = AttnInputs(q, k)
     tap = AttnTap(pool="mean", kinds=(kind,), latent_shape=(lq if kind == "cross" else lk,), budget_bytes=budget,
                   content=list(range(5)))
-    tap._on_call("sdpa", "L", kind, "module", x)  # warm: kernels, the layer's sum, the weights
+    tap.on_call("sdpa", "L", kind, "module", x)  # warm: kernels, the layer's sum, the weights
     open("/proc/self/clear_refs", "w").write("5")  # peak RSS (VmHWM) := current RSS
     base = status("VmRSS:")
-    tap._on_call("sdpa", "L", kind, "module", x)
+    tap.on_call("sdpa", "L", kind, "module", x)
     print(json.dumps({"extra": status("VmHWM:") - base, "budget": budget, "naive": b * h * lq * lk * 4}))
     """
 )

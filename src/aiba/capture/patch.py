@@ -25,11 +25,11 @@ import inspect
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +37,39 @@ from torch import nn
 
 from ..errors import AibaError, AibaWarning
 from .probs import AttnInputs
-from .tap import AttnTap
+from .tap import AttnTap, CallRecord
 
-__all__ = ["combined_patch", "active_taps", "patched_symbols", "swap_everywhere", "module_kind", "CONTEXT_ARGS",
+__all__ = ["combined_patch", "CallSink", "active_taps", "patched_symbols", "swap_everywhere", "module_kind", "CONTEXT_ARGS",
            "CACHE_ARGS", "CROSS_NAMES"]
+
+class CallSink(Protocol):
+    """What a shim asks of a tap (:class:`~aiba.capture.tap.AttnTap` is the one sink).
+
+    Per kernel call, after the kernel has run: the shim finds the issuing module's path in
+    ``model_paths``, settles the kind (``override_kind``, then ``heuristic_kind``), calls
+    ``record_call`` with the call's shape, and, when the record is selected and the tap
+    ``computes``, builds the inputs and calls ``capture_call``. Anything that goes wrong goes
+    to ``record_failure``; nothing is raised into the model's forward.
+    """
+
+    kernels: Collection[str]
+    model_paths: dict[int, str]  # id(module) -> its dotted path in the model given to combined_patch
+
+    @property
+    def computes(self) -> bool: ...
+
+    def override_kind(self, name: str | None, q_len: int, k_len: int) -> str | None: ...
+
+    def heuristic_kind(self, q_len: int, k_len: int) -> str: ...
+
+    def record_call(self, kernel: str, name: str | None, kind: str, kind_source: str,
+                    shape: tuple[int, int, int, int], outside: bool = False,
+                    context: tuple[int, int] | None = None) -> CallRecord | None: ...
+
+    def capture_call(self, kernel: str, rec: CallRecord, x: AttnInputs) -> None: ...
+
+    def record_failure(self, rec: CallRecord | None, name: str | None, exc: BaseException) -> None: ...
+
 
 _ACTIVE: ContextVar[tuple[AttnTap, ...]] = ContextVar("aiba_active_taps", default=())
 # set while an outer shim runs its kernel, so the kernel's own inner calls (MHA -> SDPA)
@@ -214,7 +243,7 @@ def module_kind(module: nn.Module | None, args: tuple, kwargs: dict, lq: int, lk
 _NAMED: dict[str, bool] = {}  # layer path -> its last component names a cross-attention layer
 
 
-def _tag(tap: AttnTap, name: str | None, lq: int, lk: int, kind, source):
+def _tag(tap: CallSink, name: str | None, lq: int, lk: int, kind, source):
     """Finish the kind for one tap: the module's facts, then its path's last component
     (CROSS_NAMES), then the tap's override, then the length rule."""
     if kind is not None:
@@ -247,9 +276,9 @@ def _traced(t) -> bool:
     return isinstance(t, (FakeTensor, FunctionalTensor)) or any(isinstance(s, torch.SymInt) for s in t.shape)
 
 
-def _fail(tap: AttnTap, rec, name, exc: BaseException) -> None:
+def _fail(tap: CallSink, rec, name, exc: BaseException) -> None:
     try:
-        tap._fail(rec, name, exc)
+        tap.record_failure(rec, name, exc)
     except Exception:  # never let reporting break the forward
         pass
 
@@ -291,11 +320,11 @@ def _dispatch(kernel: str, frame, probe: torch.Tensor, size: Callable, build: Ca
         try:
             name = tap.model_paths.get(id(module)) if module is not None else None
             k, src = (kind, source) if kind is not None else _tag(tap, name, lq, lk, kind, source)
-            rec = tap._record(kernel, name, k, src, (b, h, lq, lk), bool(tap.model_paths) and name is None, span)
+            rec = tap.record_call(kernel, name, k, src, (b, h, lq, lk), bool(tap.model_paths) and name is None, span)
             if rec is not None and rec.captured and rec.note is None and tap.computes:
                 if x is None:
                     x = build(*cargs, module=module, **ckw)
-                tap._capture(kernel, rec, x)
+                tap.capture_call(kernel, rec, x)
         except Exception as e:
             _fail(tap, rec, name if rec is None else rec.name, e)
 
@@ -756,7 +785,7 @@ def patched_symbols() -> list[tuple[Any, str]]:
 
 
 @contextmanager
-def _model_paths(tap: AttnTap, model: nn.Module | None) -> Iterator[None]:
+def _model_paths(tap: CallSink, model: nn.Module | None) -> Iterator[None]:
     old = tap.model_paths
     if model is not None:
         root = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule: name the original's modules

@@ -423,6 +423,11 @@ class AttnTap:
     def freq_resolved(self) -> bool:
         return self.latent_shape is not None and len(self.latent_shape) == 2
 
+    @property
+    def layer_count(self) -> int:
+        """Layers holding a running map sum (one per layer and lattice captured so far)."""
+        return len(self._acc)
+
     def state_bytes(self) -> int:
         """Bytes of the state held on the device (per-layer running sums, and per-step maps
         with keep="steps")."""
@@ -500,7 +505,7 @@ class AttnTap:
         key = ("pool", k_len, b, device, mapping.spec_key(spec, k_len, name))
         hit = self._wcache.get(key)
         if hit is None:
-            if self.pool in ("mean", "softmax") and mapping._resolve(self.content, k_len, name) is None and k_len not in self._warned:
+            if self.pool in ("mean", "softmax") and mapping.resolve_spec(self.content, k_len, name) is None and k_len not in self._warned:
                 if self.pool == "mean":
                     self._warned.add(k_len)
                     warnings.warn(
@@ -515,7 +520,7 @@ class AttnTap:
         return hit
 
     # --------------------------------------------------------------- capture
-    def _record(self, kernel: str, name: str | None, kind: str, kind_source: str, shape: tuple[int, int, int, int],
+    def record_call(self, kernel: str, name: str | None, kind: str, kind_source: str, shape: tuple[int, int, int, int],
                 outside: bool = False, context: tuple[int, int] | None = None) -> CallRecord | None:
         """Decide and note one call before anything is computed for it. Returns its record
         (``captured`` True when the tap selected it for recompute), or None when the tap
@@ -541,14 +546,14 @@ class AttnTap:
         """Whether a selected call is recomputed (probabilities kept or maps made)."""
         return "probs" in self.keep or self.latent_shape is not None
 
-    def _capture(self, kernel: str, rec: CallRecord, x: AttnInputs) -> None:
+    def capture_call(self, kernel: str, rec: CallRecord, x: AttnInputs) -> None:
         """Recompute a selected call. A joint call's record keeps the probabilities of the
         whole call (keep="probs"); its maps come from two blocks: latent-query rows over the
         context keys (a softmax over those keys only, i.e. rows renormalised over the
         context) as a cross call under the layer's name, and the latent block (renormalised
         over the latent keys) as a self call under ``name + ":self"``."""
         if rec.kind != "joint":
-            self._on_call(kernel, rec.name, rec.kind, rec.kind_source, x, rec.outside, rec=rec)
+            self.on_call(kernel, rec.name, rec.kind, rec.kind_source, x, rec.outside, rec=rec)
             return
         if "probs" in self.keep:
             rows = self._batch_rows(x.shape[0], rec.name)
@@ -566,11 +571,11 @@ class AttnTap:
             parts.append(("self", rec.name + ":self", latent))
         for kind, name, cols in parts:
             part = dataclasses.replace(rec, name=name, probs=None)
-            self._on_call(kernel, name, kind, rec.kind_source, _block(x, rows, cols), rec=part)
+            self.on_call(kernel, name, kind, rec.kind_source, _block(x, rows, cols), rec=part)
             if rec.lattice is None:
                 rec.lattice, rec.grid = part.lattice, part.grid
 
-    def _fail(self, rec: CallRecord | None, name: str | None, exc: BaseException) -> None:
+    def record_failure(self, rec: CallRecord | None, name: str | None, exc: BaseException) -> None:
         """Something went wrong while recording a call (after the kernel ran): note it on the
         record, warn once per layer; ``maps()`` raises it."""
         msg = f"{type(exc).__name__}: {exc}"
@@ -590,16 +595,16 @@ class AttnTap:
         first = self._lattice_of.setdefault(name, lattice)
         return name if first == lattice else f"{name}@{'x'.join(str(v) for v in lattice)}"
 
-    def _on_call(self, kernel: str, name: str | None, kind: str, kind_source: str, x: AttnInputs,
+    def on_call(self, kernel: str, name: str | None, kind: str, kind_source: str, x: AttnInputs,
                  outside: bool = False, rec: CallRecord | None = None) -> CallRecord | None:
-        """Recompute one call the tap selected (``rec`` from :meth:`_record`); without
+        """Recompute one call the tap selected (``rec`` from :meth:`record_call`); without
         ``rec`` the call is recorded first. ``outside``: the tap was given a model and the
         call came from elsewhere (a text encoder, the VAE): it is recorded, never recomputed.
         """
         if kernel not in self.kernels:
             return None
         if rec is None:
-            rec = self._record(kernel, name, kind, kind_source, x.shape, outside)
+            rec = self.record_call(kernel, name, kind, kind_source, x.shape, outside)
             if rec is None or not rec.captured:
                 return rec
         name = rec.name if name is None else name

@@ -26,6 +26,7 @@ __all__ = [
     "to_lattice",
     "resize",
     "token_weights",
+    "resolve_spec",
     "pool_queries",
     "fit_layer_weights",
 ]
@@ -111,7 +112,7 @@ def spec_key(spec, k_len: int, name: str = ""):
 _NO_ENTRY = object()
 
 
-def _resolve(spec, k_len: int, name: str = ""):
+def resolve_spec(spec, k_len: int, name: str = ""):
     """The token selection a spec gives for one call (see :func:`spec_key`); None = none."""
     if not isinstance(spec, Mapping):
         return spec
@@ -121,7 +122,7 @@ def _resolve(spec, k_len: int, name: str = ""):
 
 def _token_mask(spec, k_len: int, batch: int, device, *, name: str, what: str) -> torch.Tensor | None:
     """(B|1, Lk) bool mask of the tokens a spec selects, or None when the spec is empty."""
-    spec = _resolve(spec, k_len, name)
+    spec = resolve_spec(spec, k_len, name)
     if spec is None:
         return None
     t = torch.as_tensor(spec, device=device)
@@ -162,7 +163,7 @@ def token_weights(pool: str | None, k_len: int, batch: int, device, *, content=N
             raise AibaError(f"layer {name!r}: the token selection is empty for some batch item (k_len={k_len})")
         return m / count, mask
     if pool == "softmax":
-        r = _resolve(relevance, k_len, name)
+        r = resolve_spec(relevance, k_len, name)
         if r is None:
             raise AibaError(f"layer {name!r}: pool='softmax' needs relevance= scores for the {k_len} keys")
         r = torch.as_tensor(r, device=device, dtype=torch.float32)

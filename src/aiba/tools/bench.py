@@ -81,7 +81,7 @@ from ..capture.patch import swap_everywhere
 
 __all__ = [
     "MODES",
-    "BACKENDS",
+    "BENCH_BACKENDS",
     "SIZES",
     "SCHEMA",
     "BenchConfig",
@@ -91,10 +91,13 @@ __all__ = [
     "run",
     "format_table",
     "register",
+    "Mode",
+    "timed_forward",
+    "enter_ms",
 ]
 
 MODES = ("none", "eager", "eager-all", "aiba-cross", "aiba-all")
-BACKENDS = ("audioldm2", "stable-audio", "generic")
+BENCH_BACKENDS = ("audioldm2", "stable-audio", "generic")
 SIZES = ("tiny", "default", "full")
 SCHEMA = "aiba-bench/1"
 MIB = float(1 << 20)
@@ -132,8 +135,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise AibaError(f"size must be one of {SIZES}, got {self.size!r}")
-        if self.backend not in BACKENDS:
-            raise AibaError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend not in BENCH_BACKENDS:
+            raise AibaError(f"backend must be one of {BENCH_BACKENDS}, got {self.backend!r}")
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise AibaError(f"modes must be a non-empty subset of {MODES}, got {list(self.modes)}")
@@ -420,7 +423,7 @@ _MISSING = object()
 
 
 # -------------------------------------------------------------------- runners
-class _Mode:
+class Mode:
     """One mode: ``block()`` enters its capture, ``after()`` ends a step, ``state_bytes()``."""
 
     def __init__(self, name: str, model: BenchModel, cfg: BenchConfig) -> None:
@@ -481,7 +484,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_forward(mode: _Mode, device: torch.device) -> float:
+def timed_forward(mode: Mode, device: torch.device) -> float:
     """ms of one steady-state forward inside the mode's (already built) capture block: the
     block's own entry is outside the timed region, and one untimed forward runs inside the
     block first (the first forward after entering pays one-off costs a generation pays once)."""
@@ -516,7 +519,7 @@ def _cpu_clock() -> Callable[[], float]:
     return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
-def _enter_ms(mode: _Mode, device: torch.device, n: int = 3) -> float:
+def enter_ms(mode: Mode, device: torch.device, n: int = 3) -> float:
     ts = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -526,7 +529,7 @@ def _enter_ms(mode: _Mode, device: torch.device, n: int = 3) -> float:
     return statistics.median(ts)
 
 
-def _peak_mib(mode: _Mode, device: torch.device) -> float | None:
+def _peak_mib(mode: Mode, device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     _sync(device)
@@ -542,7 +545,7 @@ def _peak_mib(mode: _Mode, device: torch.device) -> float | None:
     return peak / MIB
 
 
-def _counts(mode: _Mode, device: torch.device) -> tuple[int, int, int]:
+def _counts(mode: Mode, device: torch.device) -> tuple[int, int, int]:
     """(host copies, host bytes, captured calls) of one forward."""
     counter = HostCopyCounter(device)
     mode.clear_store()
@@ -560,7 +563,7 @@ def _counts(mode: _Mode, device: torch.device) -> tuple[int, int, int]:
     return counter.count, counter.bytes, calls
 
 
-def _state(mode: _Mode, steps: int) -> tuple[int, int, int, int]:
+def _state(mode: Mode, steps: int) -> tuple[int, int, int, int]:
     """(bytes after 2 steps, after ``steps`` steps, records per step, layers held), fresh state."""
     mode.reset()
     at2 = 0
@@ -572,7 +575,7 @@ def _state(mode: _Mode, steps: int) -> tuple[int, int, int, int]:
             at2 = mode.state_bytes()
     end = mode.state_bytes()
     records = len(mode.tap.store) // steps if mode.tap is not None else 0
-    n_layers = len(mode.tap._acc) if mode.tap is not None else 0
+    n_layers = mode.tap.layer_count if mode.tap is not None else 0
     mode.reset()
     return at2, end, records, n_layers
 
@@ -595,18 +598,18 @@ def bench_model(model: BenchModel, cfg: BenchConfig, log: Callable[[str], None] 
     """Every mode of ``cfg.modes`` on one model: the ``models[NAME]`` entry of the JSON."""
     device = torch.device(cfg.device)
     modes = ["none"] + [m for m in cfg.modes if m != "none"]
-    runners = {m: _Mode(m, model, cfg) for m in modes}
+    runners = {m: Mode(m, model, cfg) for m in modes}
     times: dict[str, list[float]] = {m: [] for m in modes}
     with torch.no_grad():
         for _ in range(cfg.warmup):
             for m in modes:
-                _timed_forward(runners[m], device)
+                timed_forward(runners[m], device)
         for rep in range(cfg.reps):
             # the order rotates every repetition: on a CPU the mode that follows the fused
             # `none` pays for regrowing the allocator's heap (measured: +20-40 ms on the small
             # UNet), so no mode may always sit in that seat
             for m in modes[rep % len(modes):] + modes[: rep % len(modes)]:
-                times[m].append(_timed_forward(runners[m], device))
+                times[m].append(timed_forward(runners[m], device))
             log(f"  rep {rep + 1}/{cfg.reps}: " + " ".join(f"{m}={times[m][-1]:.1f}ms" for m in modes))
         rows = {}
         for m in modes:
@@ -618,7 +621,7 @@ def bench_model(model: BenchModel, cfg: BenchConfig, log: Callable[[str], None] 
             rows[m] = dict(ms=statistics.median(ts), ms_min=min(ts), ms_max=max(ts), ms_q1=q1, ms_q3=q3, ms_all=ts,
                            peak_mib=_peak_mib(r, device), captured_calls=calls, host_copies_total=copies,
                            host_bytes_total=nbytes, state_mib_2=at2 / MIB, state_mib=end / MIB,
-                           state_grows=end > at2, enter_ms=_enter_ms(r, device) if m != "none" else 0.0,
+                           state_grows=end > at2, enter_ms=enter_ms(r, device) if m != "none" else 0.0,
                            records_per_step=records, layers=n_layers)
     base = rows["none"]
     for m, row in rows.items():
@@ -955,7 +958,7 @@ def register(subparsers) -> None:
     """Add ``aiba bench``."""
     p = subparsers.add_parser("bench", help="latency and memory of attention capture against the uncaptured model",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--backend", choices=BACKENDS, default="generic", help="model family (default generic: torch only)")
+    p.add_argument("--backend", choices=BENCH_BACKENDS, default="generic", help="model family (default generic: torch only)")
     p.add_argument("--full-size", action="store_true", help="the real architectures with random weights (GPU-sized)")
     p.add_argument("--size", choices=SIZES, default="default",
                    help="default: CPU-sized (each model's modes in well under a minute); tiny: a smoke test")

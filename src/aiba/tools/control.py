@@ -291,8 +291,6 @@ def format_markdown(results: dict) -> str:
 
 
 def _figures(run: Path, items_by_model: dict, feats_by_model: dict, bands: dict) -> list[Path]:
-    from .figures import _hz_axis  # noqa: F401  (the Hz axis convention of the other figures)
-
     try:
         import matplotlib
 
