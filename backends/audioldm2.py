@@ -98,39 +98,11 @@ def load(model_id: str = "cvssp/audioldm2-music", device=None, dtype=None):
     return pipe.to(device)
 
 
-def build_tiny(seed: int = 0, config: TinyAudioLDM2Config | None = None):
-    """A complete random-weight ``AudioLDM2Pipeline`` built offline, generating in seconds on CPU."""
-    import torch
-    from diffusers import (
-        AudioLDM2Pipeline,
-        AudioLDM2ProjectionModel,
-        AudioLDM2UNet2DConditionModel,
-        AutoencoderKL,
-        DDIMScheduler,
-    )
-    from transformers import (
-        ClapAudioConfig,
-        ClapConfig,
-        ClapFeatureExtractor,
-        ClapModel,
-        ClapTextConfig,
-        GPT2Config,
-        GPT2LMHeadModel,
-        SpeechT5HifiGan,
-        SpeechT5HifiGanConfig,
-        T5Config,
-        T5EncoderModel,
-    )
+def _tiny_unet(c: TinyAudioLDM2Config):
+    from diffusers import AudioLDM2UNet2DConditionModel
 
-    from ._tokenizers import roberta_style, t5_style
-
-    c = config or TinyAudioLDM2Config()
-    tokenizer = roberta_style(c.max_text_len)
-    tokenizer_2 = t5_style(c.max_text_len)
     n_blocks = len(c.block_out_channels)
-
-    torch.manual_seed(seed)
-    unet = AudioLDM2UNet2DConditionModel(
+    return AudioLDM2UNet2DConditionModel(
         sample_size=c.sample_size,
         in_channels=c.latent_channels,
         out_channels=c.latent_channels,
@@ -142,12 +114,12 @@ def build_tiny(seed: int = 0, config: TinyAudioLDM2Config | None = None):
         attention_head_dim=c.heads,
         norm_num_groups=8,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False,
-    )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
+
+
+def _tiny_vae(c: TinyAudioLDM2Config):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         block_out_channels=list(c.vae_channels),
         in_channels=1,
         out_channels=1,
@@ -156,9 +128,15 @@ def build_tiny(seed: int = 0, config: TinyAudioLDM2Config | None = None):
         latent_channels=c.latent_channels,
         norm_num_groups=8,
     )
-    torch.manual_seed(seed)
+
+
+def _tiny_clap(c: TinyAudioLDM2Config, vocab_size: int):
+    """CLAP (its text tower encodes the prompt) and the feature extractor, used only to rank
+    waveforms when num_waveforms_per_prompt > 1."""
+    from transformers import ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapTextConfig
+
     text_cfg = ClapTextConfig(
-        bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=len(tokenizer),
+        bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=vocab_size,
         hidden_size=c.clap_dim, intermediate_size=37, num_attention_heads=2,
         num_hidden_layers=2, layer_norm_eps=1e-5, projection_dim=c.clap_dim,
         max_position_embeddings=c.max_text_len + 4,
@@ -168,28 +146,34 @@ def build_tiny(seed: int = 0, config: TinyAudioLDM2Config | None = None):
         depths=[2, 2], num_attention_heads=[2, 2], num_hidden_layers=2, hidden_size=192,
         projection_dim=c.clap_dim, patch_size=2, patch_stride=2, patch_embed_input_channels=4,
     )
-    text_encoder = ClapModel(
-        ClapConfig(text_config=text_cfg, audio_config=audio_cfg, projection_dim=c.clap_dim)
-    )
-    # only used to rank waveforms when num_waveforms_per_prompt > 1
-    feature_extractor = ClapFeatureExtractor(feature_size=64, sampling_rate=48000, hop_length=7900)
-    torch.manual_seed(seed)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer_2), d_model=c.t5_dim, d_ff=37, d_kv=8, num_heads=2,
+    model = ClapModel(ClapConfig(text_config=text_cfg, audio_config=audio_cfg, projection_dim=c.clap_dim))
+    return model, ClapFeatureExtractor(feature_size=64, sampling_rate=48000, hop_length=7900)
+
+
+def _tiny_t5(c: TinyAudioLDM2Config, vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(vocab_size=vocab_size, d_model=c.t5_dim, d_ff=37, d_kv=8, num_heads=2,
                  num_layers=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     )
-    torch.manual_seed(seed)
-    language_model = GPT2LMHeadModel(
-        GPT2Config(n_embd=c.gpt2_dim, n_head=2, n_layer=2, vocab_size=len(tokenizer),
+
+
+def _tiny_gpt2(c: TinyAudioLDM2Config, vocab_size: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(
+        GPT2Config(n_embd=c.gpt2_dim, n_head=2, n_layer=2, vocab_size=vocab_size,
                    n_ctx=99, n_positions=99, bos_token_id=0, eos_token_id=2)
     )
-    language_model.config.max_new_tokens = c.max_new_tokens
-    torch.manual_seed(seed)
-    projection_model = AudioLDM2ProjectionModel(
-        text_encoder_dim=c.clap_dim, text_encoder_1_dim=c.t5_dim, langauge_model_dim=c.gpt2_dim
-    )
-    torch.manual_seed(seed)
-    vocoder = SpeechT5HifiGan(
+    model.config.max_new_tokens = c.max_new_tokens
+    return model
+
+
+def _tiny_vocoder(c: TinyAudioLDM2Config):
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    return SpeechT5HifiGan(
         SpeechT5HifiGanConfig(
             model_in_dim=c.mel_bins, sampling_rate=c.sampling_rate, upsample_initial_channel=16,
             upsample_rates=list(c.upsample_rates),
@@ -198,6 +182,40 @@ def build_tiny(seed: int = 0, config: TinyAudioLDM2Config | None = None):
             normalize_before=False,
         )
     )
+
+
+def build_tiny(seed: int = 0, config: TinyAudioLDM2Config | None = None):
+    """A complete random-weight ``AudioLDM2Pipeline`` built offline, generating in seconds on CPU.
+    Every component is built from the same seed, in a fixed order."""
+    import torch
+    from diffusers import AudioLDM2Pipeline, AudioLDM2ProjectionModel, DDIMScheduler
+
+    from ._tokenizers import roberta_style, t5_style
+
+    c = config or TinyAudioLDM2Config()
+    tokenizer = roberta_style(c.max_text_len)
+    tokenizer_2 = t5_style(c.max_text_len)
+
+    torch.manual_seed(seed)
+    unet = _tiny_unet(c)
+    scheduler = DDIMScheduler(
+        beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False,
+    )
+    torch.manual_seed(seed)
+    vae = _tiny_vae(c)
+    torch.manual_seed(seed)
+    text_encoder, feature_extractor = _tiny_clap(c, len(tokenizer))
+    torch.manual_seed(seed)
+    text_encoder_2 = _tiny_t5(c, len(tokenizer_2))
+    torch.manual_seed(seed)
+    language_model = _tiny_gpt2(c, len(tokenizer))
+    torch.manual_seed(seed)
+    projection_model = AudioLDM2ProjectionModel(
+        text_encoder_dim=c.clap_dim, text_encoder_1_dim=c.t5_dim, langauge_model_dim=c.gpt2_dim
+    )
+    torch.manual_seed(seed)
+    vocoder = _tiny_vocoder(c)
     pipe = AudioLDM2Pipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
         projection_model=projection_model, language_model=language_model,

@@ -158,6 +158,28 @@ def _mask_row_bytes(x: AttnInputs) -> int:
     return n
 
 
+def _mask_block(p5: torch.Tensor, x: AttnInputs, bias, start: int, stop: int, keys_first: bool) -> torch.Tensor:
+    """Apply the call's mask and position rules to the scores of query rows start:stop, in
+    place; returns the flags of rows left with no key (True where the softmax gives NaN).
+    ``p5``: (B, Hk, g, c, Lk), or (B, Hk, Lk, g, c) with ``keys_first``; ``bias`` grouped
+    the same way (:func:`_grouped_bias`)."""
+    _, _, lq, lk = x.shape
+    if bias is not None:
+        if keys_first:
+            part = bias[..., start:stop] if bias.shape[-1] != 1 else bias
+        else:
+            part = bias[..., start:stop, :] if bias.shape[-2] != 1 else bias
+        if part.dtype == torch.bool:
+            p5.masked_fill_(part.logical_not(), _NEG_INF)
+        else:
+            p5.add_(part)  # fp32 += any float mask (half promotes exactly)
+    allowed = _position_mask(x.causal, x.window, torch.arange(start, stop, device=p5.device), lq, lk)
+    if allowed is not None:  # (c, Lk)
+        p5.masked_fill_(allowed.logical_not().t()[:, None, :] if keys_first else allowed.logical_not(), _NEG_INF)
+    kd = 2 if keys_first else 4  # the key axis of the 5-D block
+    return p5.amax(dim=kd, keepdim=True) == _NEG_INF
+
+
 def prob_chunks(x: AttnInputs, budget_bytes: int = 64 << 20, *, keys_first: bool = False,
                 row_bytes: int = 0, fixed_bytes: int = 0) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(start, stop, P)``: exact probabilities of query rows start:stop, float32.
@@ -192,7 +214,6 @@ def prob_chunks(x: AttnInputs, budget_bytes: int = 64 << 20, *, keys_first: bool
         if dummy is None:
             dummy = _DUMMY[q.device] = torch.empty(1, 1, 1, dtype=_F32, device=q.device)
         buf = None if rows >= lq else torch.empty(n * g * rows * lk, dtype=_F32, device=q.device)
-        kd = 2 if keys_first else 4  # the key axis of the 5-D block
         for start in range(0, lq, rows):
             stop = min(lq, start + rows)
             c = stop - start
@@ -208,19 +229,7 @@ def prob_chunks(x: AttnInputs, budget_bytes: int = 64 << 20, *, keys_first: bool
             if x.softcap:
                 s3.div_(x.softcap).tanh_().mul_(x.softcap)
             if maskable:
-                if bias is not None:
-                    if keys_first:
-                        part = bias[..., start:stop] if bias.shape[-1] != 1 else bias
-                    else:
-                        part = bias[..., start:stop, :] if bias.shape[-2] != 1 else bias
-                    if part.dtype == torch.bool:
-                        p5.masked_fill_(part.logical_not(), _NEG_INF)
-                    else:
-                        p5.add_(part)  # fp32 += any float mask (half promotes exactly)
-                allowed = _position_mask(x.causal, x.window, torch.arange(start, stop, device=q.device), lq, lk)
-                if allowed is not None:  # (c, Lk)
-                    p5.masked_fill_(allowed.logical_not().t()[:, None, :] if keys_first else allowed.logical_not(), _NEG_INF)
-                dead = p5.amax(dim=kd, keepdim=True) == _NEG_INF  # rows with no key left
+                dead = _mask_block(p5, x, bias, start, stop, keys_first)
             torch.softmax(s3, 1 if keys_first else 2, out=s3)  # in place
             if maskable:
                 p5.masked_fill_(dead, 0.0)  # fully masked rows -> 0, where softmax gave NaN

@@ -256,6 +256,33 @@ _SETTINGS: dict[str, Callable] = {
 }
 
 
+@dataclass
+class _Pass:
+    """One call's recompute plan: the layer its sums go to and the buffers its chunks fill."""
+
+    name: str  # the layer (``name@T'xF'`` on a second lattice)
+    cross: bool
+    pool: str | None  # the tap's pooling for a cross call; None for a self call
+    lat: tuple | None  # the call's lattice (T', F'), None when not mapped
+    per_call: bool  # grids resized per call (aggregate="max", keep calls or steps)
+    fused: bool  # chunks fold straight into the layer's running sum
+    keep_probs: bool
+    mapped: bool
+    shape: tuple[int, int, int, int]  # (B, H, Lq, Lk)
+    hk: int  # key heads
+    g: int  # query heads per key head
+    prefix: int  # prefix tokens stripped before the lattice
+    head_mean: bool = False
+    probs: torch.Tensor | None = None  # (B, Lq, Lk) head mean kept (keep="probs")
+    acc3: torch.Tensor | None = None  # (B, 1, T'*F') the layer's running sum, fused
+    w: float = 1.0  # the call's weight in the running sum
+    out: torch.Tensor | None = None  # pooled values | received attention, not fused
+    vec: torch.Tensor | None = None  # (B, 1, Hk*Lk*g) head mean and pooling weights
+    mask: torch.Tensor | None = None  # keys max pooling keeps
+    row: int = 0  # bytes kept per chunk row
+    fixed: int = 0  # bytes kept per call
+
+
 class AttnTap:
     """Collects attention probabilities and their T x F maps.
 
@@ -706,83 +733,110 @@ class AttnTap:
             if item is not None and self._capture_item(rec, name, x, item):
                 return
         x = x.select_batch(rows)
+        ps = self._plan_pass(rec, name, kind, x)
+        if ps.cross:
+            self._cross_pass(x, ps)
+        else:
+            self._self_pass(x, ps)
+        if keep_probs:
+            rec.probs = ps.probs.cpu()
+        if mapped and not ps.fused:
+            self._fold_values(rec, ps)
+
+    def _plan_pass(self, rec: CallRecord, name: str, kind: str, x: AttnInputs) -> _Pass:
+        """Where one call's chunks go: the layer (and lattice), the buffers and the budget."""
+        keep_probs = "probs" in self.keep
+        mapped = self.latent_shape is not None
         b, h, lq, lk = x.shape
         hk = x.k.shape[1]
         g = h // hk
         device = x.q.device
-        p = self.prefix_tokens
         cross = kind == "cross"
+        p = self.prefix_tokens
         n = (lq if cross else lk) - p  # lattice cells: queries (cross) or keys (self)
         lat = rec.lattice = self._lattice(name, n) if mapped else None
         if mapped:
             name = self._lattice_name(name, lat)  # the layer the sums go to
         per_call = self.aggregate == "max" or bool({"calls", "steps"} & self.keep)  # grids resized per call
         fused = mapped and not per_call and (not cross or self.pool in ("mean", "subset", "softmax"))
-        probs = torch.empty(b, lq, lk, dtype=torch.float32, device=device) if keep_probs else None
-        if fused:
-            acc, w = self._acc_weight(name, (b, *lat), rec.step, device)
-            acc3 = acc.total.view(b, 1, n)  # (B, 1, T'*F'): the running sum, flat
-        pool = self.pool if cross else None
-        head_mean = keep_probs or (cross and mapped and pool in ("max", None))
-        row = b * lk * 4 * (2 if pool == "max" else 1) if head_mean else 0  # head mean (+ its masked copy)
-        fixed = 0
-        if mapped and not fused:
-            out_shape = (b, lq) if cross and pool is not None else (b, lk, lq) if cross else (b, 1, lk)
-            out = torch.zeros(out_shape, dtype=torch.float32, device=device)  # pooled values | received
-            fixed = out.numel() * 4
-            row += b * 4
-        if cross:
-            vec = self._pool_vector(lk, b, hk, g, device, name) if mapped and pool not in ("max", None) else None
-            if pool == "max":
-                _, mask = self._pool_weights(lk, b, device, name)
-            for start, stop, p5 in prob_chunks(x, self.budget_bytes, keys_first=True, row_bytes=row, fixed_bytes=fixed):
-                c = stop - start  # p5: (B, Hk, Lk, g, c)
-                if head_mean:
-                    at = p5.mean(dim=(1, 3))  # (B, Lk, c): head-mean probabilities, keys first
-                    if keep_probs:
-                        probs[:, start:stop] = at.transpose(1, 2)
-                if not mapped:
-                    continue
-                if fused:
-                    p3 = p5.view(b, hk * lk * g, c)
-                    if p == 0 and c == lq:
-                        acc3.baddbmm_(vec, p3, alpha=w)  # head mean + pooling + fold: (B, 1, N)
-                    elif stop > p:
-                        lo = max(start, p)
-                        acc3[:, :, lo - p : stop - p].baddbmm_(vec, p3[:, :, lo - start :], alpha=w)
-                elif pool is None:
-                    out[:, :, start:stop] = at
-                elif pool == "max":
-                    if mask is not None:
-                        at = at.masked_fill(~mask[:, :, None], float("-inf"))
-                    out[:, start:stop] = at.amax(dim=1)  # (B, c)
-                else:
-                    out[:, start:stop] = torch.bmm(vec, p5.view(b, hk * lk * g, c)).view(b, c)
-        else:
-            for start, stop, p5 in prob_chunks(x, self.budget_bytes, row_bytes=row, fixed_bytes=fixed):
-                c = stop - start  # p5: (B, Hk, g, c, Lk)
-                if keep_probs:
-                    torch.mean(p5.view(b, h, c, lk), dim=1, out=probs[:, start:stop])
-                if mapped:
-                    ones = self._row_vector(b, h * c, 1.0 / (h * lq), device)  # mean over heads and queries
-                    p3 = p5.view(b, h * c, lk)
-                    if fused:
-                        acc3.baddbmm_(ones, p3[:, :, p:] if p else p3, alpha=w)  # attention each key receives
-                    else:
-                        out.baddbmm_(ones, p3)
+        ps = _Pass(name=name, cross=cross, pool=self.pool if cross else None, lat=lat, per_call=per_call,
+                   fused=fused, keep_probs=keep_probs, mapped=mapped, shape=(b, h, lq, lk), hk=hk, g=g, prefix=p)
         if keep_probs:
-            rec.probs = probs.cpu()
-        if not mapped or fused:
-            return
-        if cross:
-            values = out[:, p:] if pool is not None else out[:, :, p:]  # (B, N) | (B, Lk, N)
+            ps.probs = torch.empty(b, lq, lk, dtype=torch.float32, device=device)  # (B, Lq, Lk)
+        if fused:
+            acc, ps.w = self._acc_weight(name, (b, *lat), rec.step, device)
+            ps.acc3 = acc.total.view(b, 1, n)  # (B, 1, T'*F'): the running sum, flat
+        ps.head_mean = keep_probs or (cross and mapped and ps.pool in ("max", None))
+        ps.row = b * lk * 4 * (2 if ps.pool == "max" else 1) if ps.head_mean else 0  # head mean (+ its masked copy)
+        if mapped and not fused:
+            out_shape = (b, lq) if cross and ps.pool is not None else (b, lk, lq) if cross else (b, 1, lk)
+            ps.out = torch.zeros(out_shape, dtype=torch.float32, device=device)  # pooled values | received
+            ps.fixed = ps.out.numel() * 4
+            ps.row += b * 4
+        if cross and mapped and ps.pool not in ("max", None):
+            ps.vec = self._pool_vector(lk, b, hk, g, device, name)
+        if cross and ps.pool == "max":
+            _, ps.mask = self._pool_weights(lk, b, device, name)
+        return ps
+
+    def _cross_pass(self, x: AttnInputs, ps: _Pass) -> None:
+        """Chunks of a cross call, keys first: head mean, token pooling, fold."""
+        b, _, lq, lk = ps.shape
+        p, hk, g = ps.prefix, ps.hk, ps.g
+        for start, stop, p5 in prob_chunks(x, self.budget_bytes, keys_first=True, row_bytes=ps.row,
+                                           fixed_bytes=ps.fixed):
+            c = stop - start  # p5: (B, Hk, Lk, g, c)
+            if ps.head_mean:
+                at = p5.mean(dim=(1, 3))  # (B, Lk, c): head-mean probabilities, keys first
+                if ps.keep_probs:
+                    ps.probs[:, start:stop] = at.transpose(1, 2)
+            if not ps.mapped:
+                continue
+            if ps.fused:
+                p3 = p5.view(b, hk * lk * g, c)
+                if p == 0 and c == lq:
+                    ps.acc3.baddbmm_(ps.vec, p3, alpha=ps.w)  # head mean + pooling + fold: (B, 1, N)
+                elif stop > p:
+                    lo = max(start, p)
+                    ps.acc3[:, :, lo - p : stop - p].baddbmm_(ps.vec, p3[:, :, lo - start :], alpha=ps.w)
+            elif ps.pool is None:
+                ps.out[:, :, start:stop] = at
+            elif ps.pool == "max":
+                if ps.mask is not None:
+                    at = at.masked_fill(~ps.mask[:, :, None], float("-inf"))
+                ps.out[:, start:stop] = at.amax(dim=1)  # (B, c)
+            else:
+                ps.out[:, start:stop] = torch.bmm(ps.vec, p5.view(b, hk * lk * g, c)).view(b, c)
+
+    def _self_pass(self, x: AttnInputs, ps: _Pass) -> None:
+        """Chunks of a self call: the attention each key receives, summed over heads and queries."""
+        b, h, lq, lk = ps.shape
+        p = ps.prefix
+        for start, stop, p5 in prob_chunks(x, self.budget_bytes, row_bytes=ps.row, fixed_bytes=ps.fixed):
+            c = stop - start  # p5: (B, Hk, g, c, Lk)
+            if ps.keep_probs:
+                torch.mean(p5.view(b, h, c, lk), dim=1, out=ps.probs[:, start:stop])
+            if ps.mapped:
+                ones = self._row_vector(b, h * c, 1.0 / (h * lq), x.q.device)  # mean over heads and queries
+                p3 = p5.view(b, h * c, lk)
+                if ps.fused:
+                    ps.acc3.baddbmm_(ones, p3[:, :, p:] if p else p3, alpha=ps.w)  # attention each key receives
+                else:
+                    ps.out.baddbmm_(ones, p3)
+
+    def _fold_values(self, rec: CallRecord, ps: _Pass) -> None:
+        """A call computed apart from the running sum: its values on the lattice, resized
+        per call when calls or steps are kept or layers are max-aggregated, then folded."""
+        p, out = ps.prefix, ps.out
+        if ps.cross:
+            values = out[:, p:] if ps.pool is not None else out[:, :, p:]  # (B, N) | (B, Lk, N)
         else:
             values = out[:, 0, p:]  # (B, N): mean attention received, keys = lattice cells
-        lattice_map = mapping.to_lattice(values, lat)  # (B, [Lk,] T', F')
-        if not per_call:
+        lattice_map = mapping.to_lattice(values, ps.lat)  # (B, [Lk,] T', F')
+        if not ps.per_call:
             # resizing is linear: a weighted mean of resized maps is the resized weighted mean,
             # so the sums stay on the lattice and maps() resizes each layer once
-            self._fold(name, lattice_map, rec.step, on_lattice=True)
+            self._fold(ps.name, lattice_map, rec.step, on_lattice=True)
             return
         grid = mapping.resize(lattice_map, self._grid_size, self.padding)  # (B, [Lk,] T, F)
         if "calls" in self.keep:
@@ -794,7 +848,7 @@ class AttnTap:
             else:
                 held[0].add_(grid)
                 held[1] += 1
-        self._fold(name, grid, rec.step)
+        self._fold(ps.name, grid, rec.step)
 
     @property
     def _grid_size(self) -> tuple[int, int]:

@@ -730,6 +730,17 @@ def _per_call_modules(device, dtype, shape: dict):
     return model, kind
 
 
+def _us_per_call(fn: Callable[[], object], calls: int, dev: torch.device) -> float:
+    """Thread CPU microseconds per call of ``fn``: 10 untimed calls, then ``calls`` timed."""
+    for _ in range(10):
+        fn()
+    t0 = time.thread_time_ns()
+    for _ in range(calls):
+        fn()
+    _sync(dev)
+    return (time.thread_time_ns() - t0) / calls / 1e3
+
+
 def per_call(device: str = "cpu", dtype: torch.dtype = torch.float32, calls: int = 200, reps: int = 15,
              shape: dict | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
     """Host microseconds per attention call (module -> processor -> SDPA), thread CPU time.
@@ -760,32 +771,18 @@ def per_call(device: str = "cpu", dtype: torch.dtype = torch.float32, calls: int
             "selected-cross": AttnTap(pool="mean", kinds=("cross",), latent_shape=(t, f), content=content,
                                       cfg="uncond_first")}
     hand = _RecomputeProcessor(w)
-
-    def block(mode: str):
-        if mode in taps:
-            return combined_patch(taps[mode], model=model)
-        return contextlib.nullcontext()
-
     calls_of = {"plain-cross": lambda: cross(x, encoder_hidden_states=ctx), "plain-self": lambda: selfm(x),
                 "not-selected": lambda: selfm(x), "selected-cross": lambda: cross(x, encoder_hidden_states=ctx),
                 "hand-recompute": lambda: cross(x, encoder_hidden_states=ctx)}
     raw: dict[str, list[float]] = {m: [] for m in PER_CALL_MODES}
-    threads = torch.get_num_threads()
     with torch.no_grad():
         for rep in range(reps):
             order = PER_CALL_MODES[rep % len(PER_CALL_MODES):] + PER_CALL_MODES[: rep % len(PER_CALL_MODES)]
             for mode in order:
-                fn = calls_of[mode]
                 if mode == "hand-recompute":
                     cross.set_processor(hand)
-                with block(mode):
-                    for _ in range(10):
-                        fn()
-                    t0 = time.thread_time_ns()
-                    for _ in range(calls):
-                        fn()
-                    _sync(dev)
-                    raw[mode].append((time.thread_time_ns() - t0) / calls / 1e3)
+                with combined_patch(taps[mode], model=model) if mode in taps else contextlib.nullcontext():
+                    raw[mode].append(_us_per_call(calls_of[mode], calls, dev))
                 cross.set_processor(_Processor())
                 if mode in taps:  # the block measured what it claims: every call captured, or none
                     captured = sum(r.captured for r in taps[mode].store)
@@ -795,11 +792,11 @@ def per_call(device: str = "cpu", dtype: torch.dtype = torch.float32, calls: int
                     tap.store.clear()
                     tap.next_step()
             log(f"  per-call rep {rep + 1}/{reps}: " + " ".join(f"{m}={raw[m][-1]:.1f}us" for m in PER_CALL_MODES))
-    out = {"module": module_kind, "device": str(dev), "dtype": str(dtype).replace("torch.", ""), "threads": threads,
+    out = {"module": module_kind, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
+           "threads": torch.get_num_threads(),
            "calls": calls, "reps": reps, "shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()},
-           "clock": "thread CPU time (time.thread_time_ns)", "us": {}, "overhead_us": {}}
-    for m, ts in raw.items():
-        out["us"][m] = dict(_spread(ts), all=ts)
+           "clock": "thread CPU time (time.thread_time_ns)",
+           "us": {m: dict(_spread(ts), all=ts) for m, ts in raw.items()}, "overhead_us": {}}
     for line, (m, base) in PER_CALL_LINES.items():
         diffs = [a - c for a, c in zip(raw[m], raw[base])]
         out["overhead_us"][line] = dict(_spread(diffs), all=diffs, mode=m, baseline=base)

@@ -186,37 +186,13 @@ def _watch_runs(model, modules: dict, tap):
 
 
 # ------------------------------------------------------------------ the run
-def diagnose(backend, *, prompt: str = "a bass solo with drums", steps: int = 2, pool: str = "max",
-             seed: int = 0, seconds: float | None = None, guidance_scale: float | None = None,
-             target: tuple = (64, 32), tiny: bool = False) -> Diagnosis:
-    """Run ``backend`` (an adapter, or a name for :func:`aiba.backends.get`) for ``steps``
-    denoising steps under capture and report what attention it exposes.
-
-    ``pool`` pools the cross maps read for map health ("max" needs no content tokens; the
-    backend restricts it to the prompt's words where it knows them).
-    """
+def _call_groups(inside, streams: dict, tap) -> list[CallGroup]:
+    """The denoiser's calls grouped by (layer, kernel, kind, shape), with their stream and lattice."""
     import fnmatch
 
-    from .. import AttnTap
-    from ..backends import generic as G
     from ..maps.mapping import find_lattice
 
-    if isinstance(backend, str):
-        from ..backends import get
-
-        backend = get(backend, tiny=tiny)
-    backend.streams()  # a generic backend probes its model here: before the run hooks count
-    tap = AttnTap(target_T=target[0], target_F=target[1], pool=pool, kinds=("cross", "self"))
-    modules = G.attention_modules(backend.denoiser)
-    with _watch_runs(backend.denoiser, modules, tap) as watch:
-        result = backend.generate(prompt, tap=tap, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                                  seconds=seconds)
-    runs, missed = watch.runs, watch.missed
-
-    streams = backend.streams()
     latent = tap.latent_shape
-    inside = [r for r in tap.store if not r.outside]  # issued by the denoiser
-    outside = len(tap.store) - len(inside)
 
     def stream_of(name):
         return next((s for s, pats in streams.items() if any(fnmatch.fnmatchcase(name, p) for p in pats)), None)
@@ -242,20 +218,12 @@ def diagnose(backend, *, prompt: str = "a bass solo with drums", steps: int = 2,
     for (name, kernel, kind, q_len, k_len, heads), (r, n) in groups.items():
         calls.append(CallGroup(name, kernel, kind, r.kind_source, stream_of(name), q_len, k_len, heads, r.batch, n,
                                n / max(1, len(steps_of[name])), lattice_of(r)))
+    return calls
 
-    escaped_modules = sorted(n for n in modules if missed[n])
-    escaped = sum(missed.values())
 
-    cross = [c for c in calls if c.kind == "cross"]
-    exposes = bool(cross)
-    if latent is None:
-        lattice_kind, freq = "unknown", False
-    else:
-        lattice_kind = "time x frequency" if len(latent) == 2 else "time only"
-        freq = any(c.lattice is not None and c.lattice[1] > 1 for c in (cross or calls)) and len(latent) == 2
-
-    health = [map_health(s, m.overall, m.freq_resolved) for s, m in result.maps.items() if s != "self"
-              and any(c.stream == s and c.kind == "cross" for c in calls)]
+def _notes(backend, tap, prompt: str, calls: list[CallGroup], inside, escaped: int, escaped_modules) -> list[str]:
+    """What a reader of the diagnosis should know: the backend's own notes, the keys, stripped
+    prefix tokens, calls that reached no shim."""
     notes = []
     if hasattr(backend, "infer"):
         notes += list(backend.infer().notes)
@@ -271,6 +239,54 @@ def diagnose(backend, *, prompt: str = "a bass solo with drums", steps: int = 2,
                      f"or an attention that does not call one): {escaped_modules[:4]}")
     if not inside:
         notes.append("no attention call was seen inside the denoiser")
+    return notes
+
+
+def diagnose(backend, *, prompt: str = "a bass solo with drums", steps: int = 2, pool: str = "max",
+             seed: int = 0, seconds: float | None = None, guidance_scale: float | None = None,
+             target: tuple = (64, 32), tiny: bool = False) -> Diagnosis:
+    """Run ``backend`` (an adapter, or a name for :func:`aiba.backends.get`) for ``steps``
+    denoising steps under capture and report what attention it exposes.
+
+    ``pool`` pools the cross maps read for map health ("max" needs no content tokens; the
+    backend restricts it to the prompt's words where it knows them).
+    """
+    from .. import AttnTap
+    from ..backends import generic as G
+
+    if isinstance(backend, str):
+        from ..backends import get
+
+        backend = get(backend, tiny=tiny)
+    backend.streams()  # a generic backend probes its model here: before the run hooks count
+    tap = AttnTap(target_T=target[0], target_F=target[1], pool=pool, kinds=("cross", "self"))
+    modules = G.attention_modules(backend.denoiser)
+    with _watch_runs(backend.denoiser, modules, tap) as watch:
+        result = backend.generate(prompt, tap=tap, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                                  seconds=seconds)
+    runs, missed = watch.runs, watch.missed
+
+    streams = backend.streams()
+    latent = tap.latent_shape
+    inside = [r for r in tap.store if not r.outside]  # issued by the denoiser
+    outside = len(tap.store) - len(inside)
+
+    calls = _call_groups(inside, streams, tap)
+
+    escaped_modules = sorted(n for n in modules if missed[n])
+    escaped = sum(missed.values())
+
+    cross = [c for c in calls if c.kind == "cross"]
+    exposes = bool(cross)
+    if latent is None:
+        lattice_kind, freq = "unknown", False
+    else:
+        lattice_kind = "time x frequency" if len(latent) == 2 else "time only"
+        freq = any(c.lattice is not None and c.lattice[1] > 1 for c in (cross or calls)) and len(latent) == 2
+
+    health = [map_health(s, m.overall, m.freq_resolved) for s, m in result.maps.items() if s != "self"
+              and any(c.stream == s and c.kind == "cross" for c in calls)]
+    notes = _notes(backend, tap, prompt, calls, inside, escaped, escaped_modules)
     return Diagnosis(
         backend=backend.name, denoiser=type(backend.denoiser).__name__, steps=steps, prompt=prompt,
         latent_shape=None if latent is None else tuple(latent), prefix_tokens=tap.prefix_tokens, cfg=tap.cfg,

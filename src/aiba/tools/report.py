@@ -57,6 +57,27 @@ def _table_csv(table) -> str:
     return buf.getvalue()
 
 
+def _learned_test_maps(run: Path, recs: list[dict], arrays: dict, roles: np.ndarray, aggregate: str):
+    """weights=learned: layer weights fitted on the fit records, applied to the test records.
+    Returns (maps with the test rows replaced, test mask, the weights' record), and writes
+    ``learned_weights.json``."""
+    from ..atomic import atomic_write
+
+    fit, test = roles == "fit", roles == "test"
+    if not fit.any() or not test.any():
+        raise AibaError(f"weights=learned needs fit and test records; have {int(fit.sum())} fit, "
+                        f"{int(test.sum())} test")
+    gts = arrays["gt"]
+    w, test_maps = learned_maps(arrays["layer_maps"][fit], gts[fit], arrays["layer_maps"][test],
+                                arrays["layer_names"], aggregate)
+    maps = arrays["map"].copy()
+    maps[test] = test_maps
+    lw = {"weights": w, "fit_ids": [r["id"] for r, f in zip(recs, fit) if f],
+          "test_ids": [r["id"] for r, t in zip(recs, test) if t], "method": "NNLS, normalised to sum 1"}
+    atomic_write(run / "learned_weights.json", json.dumps(lw, indent=2))
+    return maps, test, lw
+
+
 def build_report(run_dir, *, n_boot: int | None = None, figures: bool | None = None) -> dict:
     """Write the tables (and figures) of a run; returns ``tables.json``'s content."""
     from ..atomic import atomic_write
@@ -82,18 +103,7 @@ def build_report(run_dir, *, n_boot: int | None = None, figures: bool | None = N
     info: dict = {"run": str(run), "records": len(recs), "problems": problems, "weights": cfg.weights}
     test = np.ones(len(recs), dtype=bool)
     if learned:
-        fit, test = roles == "fit", roles == "test"
-        if not fit.any() or not test.any():
-            raise AibaError(f"weights=learned needs fit and test records; have {int(fit.sum())} fit, "
-                            f"{int(test.sum())} test")
-        w, test_maps = learned_maps(arrays["layer_maps"][fit], gts[fit], arrays["layer_maps"][test],
-                                    arrays["layer_names"], cfg.aggregate)
-        maps = maps.copy()
-        maps[test] = test_maps
-        lw = {"weights": w, "fit_ids": [r["id"] for r, f in zip(recs, fit) if f],
-              "test_ids": [r["id"] for r, t in zip(recs, test) if t], "method": "NNLS, normalised to sum 1"}
-        atomic_write(run / "learned_weights.json", json.dumps(lw, indent=2))
-        info["learned_weights"] = lw
+        maps, test, info["learned_weights"] = _learned_test_maps(run, recs, arrays, roles, cfg.aggregate)
     classes = [c for c in cfg.classes if c in set(labels[test])]
     nulls = NULLS
     if len(classes) < 2:  # the shuffled baseline pairs maps across classes

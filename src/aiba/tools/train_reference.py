@@ -197,11 +197,72 @@ def _save_checkpoint(out: Path, step, model, ema, opt, losses, s: TrainSettings)
     _plot_loss(out / "loss.png", np.array(steps), np.array(losses))
 
 
+def _train_step(model, opt, params, sampler: _Sampler, alphas, s: TrainSettings, step: int) -> float:
+    """One optimiser step on a fresh batch (seeded by ``(seed, step)``); returns the loss."""
+    import torch
+
+    rng = np.random.default_rng([s.seed, step])
+    x0, prompts = sampler.batch(rng, s.batch)
+    gen = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
+    x0 = torch.from_numpy(x0)[:, None].to(model.device)  # (B, 1, frames, 64)
+    noise = torch.randn(x0.shape, generator=gen).to(model.device)
+    t = torch.randint(0, model.cfg.train_timesteps, (x0.shape[0],), generator=gen).to(model.device)
+    a = alphas[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    for g in opt.param_groups:
+        g["lr"] = s.lr * min(1.0, (step + 1) / max(1, s.warmup))
+    pred = model.denoise(xt, t, model.encode(prompts))
+    loss = torch.nn.functional.mse_loss(pred, noise)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(loss.item())
+
+
+def _ema_update(model, ema: dict, d: float) -> None:
+    """``ema = d * ema + (1 - d) * weights`` for float tensors; others copied."""
+    import torch
+
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                ema[k].copy_(v)
+
+
+def _export(out: Path, model, ema: dict, losses: list, step: int, s: TrainSettings, data, seconds: float,
+            command: str | None) -> dict:
+    """Write the EMA weights and their provenance; returns the provenance."""
+    import torch
+
+    from ..backends.reference import ReferenceModel, sha256_file
+
+    # export the EMA weights
+    final = ReferenceModel(model.cfg, device="cpu")
+    final.load_state_dict({k: v.cpu() for k, v in ema.items()})
+    tail = losses[-100:] if losses else [float("nan")]
+    prov = {
+        "command": command or "aiba train-reference " + f"--data {s.data} --out {s.out} --seed {s.seed} --steps {s.steps}",
+        "seed": s.seed, "steps": step, "batch": s.batch, "lr": s.lr, "ema": s.ema,
+        "mix_fraction": s.mix_fraction, "drop_prompt": s.drop_prompt, "device": s.device,
+        "data": data,
+        "final_loss_mean_last_100": float(np.mean(tail)),
+        "parameters": final.n_params(), "train_seconds_this_run": round(seconds, 1),
+        "torch": torch.__version__,
+    }
+    final.save(out / "weights.safetensors", meta={k: prov[k] for k in ("seed", "steps", "final_loss_mean_last_100")})
+    prov["sha256"] = sha256_file(out / "weights.safetensors")
+    atomic_write(out / "provenance.json", json.dumps(prov, indent=2) + "\n")
+    return prov
+
+
 def train(s: TrainSettings, *, progress: bool = True, command: str | None = None) -> dict:
     """Train (or resume) into ``s.out``; returns the provenance dict."""
     import torch
 
-    from ..backends.reference import ReferenceModel, sha256_file
+    from ..backends.reference import ReferenceModel
 
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,31 +291,10 @@ def train(s: TrainSettings, *, progress: bool = True, command: str | None = None
         bar = tqdm(total=s.steps, initial=step, desc=f"train seed {s.seed}", unit="step")
     t0 = time.time()
     while step < s.steps:
-        rng = np.random.default_rng([s.seed, step])
-        x0, prompts = sampler.batch(rng, s.batch)
-        gen = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
-        x0 = torch.from_numpy(x0)[:, None].to(model.device)  # (B, 1, frames, 64)
-        noise = torch.randn(x0.shape, generator=gen).to(model.device)
-        t = torch.randint(0, model.cfg.train_timesteps, (x0.shape[0],), generator=gen).to(model.device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        for g in opt.param_groups:
-            g["lr"] = s.lr * min(1.0, (step + 1) / max(1, s.warmup))
-        pred = model.denoise(xt, t, model.encode(prompts))
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = _train_step(model, opt, params, sampler, alphas, s, step)
         step += 1
-        d = min(s.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
-                else:
-                    ema[k].copy_(v)
-        losses.append(float(loss.item()))
+        _ema_update(model, ema, min(s.ema, (1 + step) / (10 + step)))
+        losses.append(loss)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
@@ -262,22 +302,7 @@ def train(s: TrainSettings, *, progress: bool = True, command: str | None = None
             _save_checkpoint(out, step, model, ema, opt, losses, s)
     if bar is not None:
         bar.close()
-    # export the EMA weights
-    final = ReferenceModel(model.cfg, device="cpu")
-    final.load_state_dict({k: v.cpu() for k, v in ema.items()})
-    tail = losses[-100:] if losses else [float("nan")]
-    prov = {
-        "command": command or "aiba train-reference " + f"--data {s.data} --out {s.out} --seed {s.seed} --steps {s.steps}",
-        "seed": s.seed, "steps": step, "batch": s.batch, "lr": s.lr, "ema": s.ema,
-        "mix_fraction": s.mix_fraction, "drop_prompt": s.drop_prompt, "device": s.device,
-        "data": feats["fingerprint"],
-        "final_loss_mean_last_100": float(np.mean(tail)),
-        "parameters": final.n_params(), "train_seconds_this_run": round(time.time() - t0, 1),
-        "torch": torch.__version__,
-    }
-    final.save(out / "weights.safetensors", meta={k: prov[k] for k in ("seed", "steps", "final_loss_mean_last_100")})
-    prov["sha256"] = sha256_file(out / "weights.safetensors")
-    atomic_write(out / "provenance.json", json.dumps(prov, indent=2) + "\n")
+    prov = _export(out, model, ema, losses, step, s, feats["fingerprint"], time.time() - t0, command)
     return prov
 
 
