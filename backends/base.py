@@ -47,7 +47,7 @@ def step_hook(module, on_step_end: Callable[[], Any] | None):
         handle.remove()
 
 
-def content_rows(mask, cfg: str | None, batch: str):
+def content_rows(mask, cfg_order: str | None, batch: str):
     """Per-batch content mask (B, Lk) of the conditional prompts -> the rows the tap keeps.
 
     With ``batch="all"`` under CFG the tap sees the doubled batch: the unconditional rows
@@ -55,7 +55,7 @@ def content_rows(mask, cfg: str | None, batch: str):
     """
     import torch
 
-    if cfg is None or batch != "all":
+    if cfg_order is None or batch != "all":
         return mask
     return torch.cat([torch.as_tensor(mask)] * 2)  # (2B, Lk): the same rows in both halves
 
@@ -94,16 +94,16 @@ class Backend:
 
     def configure(self, tap, prompts: Sequence[str] | str | None = None, *, seconds: float | None = None,
                   guidance_scale: float | None = None):
-        """Set the tap's latent_shape, prefix_tokens, cfg, content (and layers, when unset, to
+        """Set the tap's latent_shape, prefix_tokens, cfg_order, content (and layers, when unset, to
         every denoiser attention so calls elsewhere, e.g. text encoders, are recorded only)."""
         g = self.default_guidance if guidance_scale is None else guidance_scale
-        cfg = self.cfg_order(g)
-        settings = dict(latent_shape=self.latent_shape(seconds), prefix_tokens=self.prefix_tokens, cfg=cfg)
+        cfg_order = self.cfg_order(g)
+        settings = dict(latent_shape=self.latent_shape(seconds), prefix_tokens=self.prefix_tokens, cfg_order=cfg_order)
         if prompts is not None:
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             content = self.content(prompts)
             if content:
-                settings["content"] = {k: content_rows(m, cfg, tap.batch) for k, m in content.items()}
+                settings["content"] = {k: content_rows(m, cfg_order, tap.batch) for k, m in content.items()}
         if tap.layers is None:
             settings["layers"] = tuple(p for pats in self.streams().values() for p in pats)
         return tap.configure(**settings)

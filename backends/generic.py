@@ -1,6 +1,6 @@
 """Generic backend: any ``nn.Module`` plus a way to run it.
 
-The user states what they know (``latent_shape``, ``prefix_tokens``, ``cfg``, ``content``);
+The user states what they know (``latent_shape``, ``prefix_tokens``, ``cfg_order``, ``content``);
 :meth:`GenericBackend.infer` runs the model once with a record-only tap and infers the rest
 where the calls allow it: which modules attend, self or cross, and a latent shape whose
 strided lattices hold every query length (from the input tensors' trailing dims). What it
@@ -111,14 +111,14 @@ class GenericBackend(Backend):
     name = "generic"
     default_steps = 1
 
-    def __init__(self, model, run, *, latent_shape=None, prefix_tokens: int | None = None, cfg: str | None = None,
+    def __init__(self, model, run, *, latent_shape=None, prefix_tokens: int | None = None, cfg_order: str | None = None,
                  content=None, streams: dict | None = None, name: str = "generic"):
         self.denoiser = model
         self.name = name
         self._runner = as_runner(model, run)
         self._latent = None if latent_shape is None else tuple(int(v) for v in latent_shape)
         self._prefix = prefix_tokens
-        self._cfg = cfg
+        self._cfg_order = cfg_order
         self._content = content
         self._streams = streams
         self._inference: Inference | None = None
@@ -160,8 +160,8 @@ class GenericBackend(Backend):
                         notes.append(f"prefix_tokens {prefix} inferred (query lengths exceed the lattice by {prefix})")
         if prefix is None:
             prefix = 0
-        if self._cfg is None:
-            notes.append("cfg: unknown, the batch is taken as not CFG-doubled (pass cfg='uncond_first'|'cond_first')")
+        if self._cfg_order is None:
+            notes.append("cfg_order: unknown, the batch is taken as not CFG-doubled (pass cfg_order='uncond_first'|'cond_first')")
         if self._content is None and any(k == "cross" for k in kinds.values()):
             notes.append("content tokens unknown: pool='mean' would be the constant 1/k_len (pass content= or use pool='max')")
         self._inference = Inference(latent, int(prefix), q_lens, kinds, sources, k_lens, tuple(notes))
@@ -193,10 +193,10 @@ class GenericBackend(Backend):
         return self._latent if self._latent is not None else self.infer().latent_shape
 
     def cfg_order(self, guidance_scale) -> str | None:
-        return self._cfg
+        return self._cfg_order
 
     def configure(self, tap, prompts=None, *, seconds=None, guidance_scale=None):
-        settings = dict(latent_shape=self.latent_shape(), prefix_tokens=self.prefix_tokens, cfg=self._cfg)
+        settings = dict(latent_shape=self.latent_shape(), prefix_tokens=self.prefix_tokens, cfg_order=self._cfg_order)
         if self._content is not None:
             settings["content"] = self._content
         if tap.layers is None:

@@ -4,7 +4,7 @@ One run, one torch thread on the CPU, thread CPU time, interleaved blocks (the o
 every repetition), paired differences against plain SDPA of the same repetition:
 
 - not selected: a self call under ``AttnTap(kinds=("cross",))`` (recorded, not recomputed);
-- selected cross, pooled: ``AttnTap(pool="mean", latent_shape=(8, 8), content=..., cfg=...)``
+- selected cross, pooled: ``AttnTap(pool="mean", latent_shape=(8, 8), content=..., cfg_order=...)``
   at a tiny shape (batch 2 = a CFG pair, 4 heads of 16, 64 queries, 10 keys), mapped and
   folded into the layer's sum;
 - hand-written recompute: a processor that recomputes the same pooled probabilities itself.
@@ -51,7 +51,7 @@ def _count_ops(dtype) -> list[str]:
 
     q = torch.randn(2, 64, 4, 16).to(dtype).transpose(1, 2)  # diffusers' layout (B, H, N, d)
     k = torch.randn(2, 10, 4, 16).to(dtype).transpose(1, 2)
-    tap = AttnTap(pool="mean", latent_shape=(8, 8), cfg="uncond_first", content=list(range(6)))
+    tap = AttnTap(pool="mean", latent_shape=(8, 8), cfg_order="uncond_first", content=list(range(6)))
     with Log() as plain:
         F.scaled_dot_product_attention(q, k, k)
     with combined_patch(tap):

@@ -48,7 +48,7 @@ def test_audioldm2_capture_both_streams_and_identical_audio(audioldm2_backend):
     assert np.array_equal(plain.audio, cap.audio)  # capture never changes outputs
     assert plain.maps == {} and cap.latent_shape == (20, 12)
     assert tap.step == 3  # next_step once per denoising step
-    assert tap.cfg == "uncond_first" and tap.latent_shape == (20, 12)
+    assert tap.cfg_order == "uncond_first" and tap.latent_shape == (20, 12)
     # T5 content: the five words, not </s>, keyed by the T5 layers' paths
     assert set(tap.content) == set(streams["t5"])
     assert all(mask.tolist() == [[True] * 5 + [False]] for mask in tap.content.values())
@@ -89,7 +89,7 @@ def test_sat_dit_time_only_prefix_stripped_identical(sat_backend):
     cap = b.generate(prompts, steps=3, seed=0, tap=tap)
     assert not plain.decoded and plain.audio.shape == (2, c.io_channels, c.latent_len)
     assert np.array_equal(plain.audio, cap.audio)
-    assert tap.step == 3 and tap.cfg == "cond_first" and tap.prefix_tokens == PREFIX_TOKENS == 1
+    assert tap.step == 3 and tap.cfg_order == "cond_first" and tap.prefix_tokens == PREFIX_TOKENS == 1
     cross = _records(tap, b.streams()["t5"])
     assert len(cross) == c.depth * 3
     for r in cross:
@@ -123,7 +123,7 @@ def test_sao_pipeline_time_only_identical(sao_backend):
     cap = b.generate("a bass solo", steps=3, seed=0, tap=tap)
     assert plain.audio.shape == (1, 2, 84) and plain.sample_rate == 4000
     assert np.array_equal(plain.audio, cap.audio)
-    assert tap.step == 3 and tap.cfg == "uncond_first" and tap.prefix_tokens == 1
+    assert tap.step == 3 and tap.cfg_order == "uncond_first" and tap.prefix_tokens == 1
     cross = _records(tap, b.streams()["t5"])
     assert len(cross) == 2 * 3
     assert {(r.q_len, r.k_len, r.lattice) for r in cross} == {(22, 14, (21, 1))}
@@ -163,7 +163,7 @@ def test_generic_stated_shape_and_what_it_cannot_infer(mha_model):
         return m(x, ctx)
 
     assert GenericBackend(model, run).infer().latent_shape == (6, 5)
-    b2 = GenericBackend(model, run, latent_shape=(6, 5), content=[0, 1, 2], cfg=None)
+    b2 = GenericBackend(model, run, latent_shape=(6, 5), content=[0, 1, 2], cfg_order=None)
     tap = AttnTap(target_T=12, target_F=10, pool="mean")
     res = b2.generate(tap=tap)
     assert res.maps["cross"].freq_resolved and tap.content == [0, 1, 2]

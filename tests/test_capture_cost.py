@@ -95,7 +95,7 @@ def test_captured_cross_call_launches_at_most_five_ops(dtype, batch):
     g = torch.Generator().manual_seed(0)
     q = _diffusers_layout(2, 4, 64, 16, dtype, g)
     k = _diffusers_layout(2, 4, 10, 16, dtype, g)
-    tap = AttnTap(8, 8, pool="mean", latent_shape=(8, 8), cfg="uncond_first", batch=batch, content=list(range(6)))
+    tap = AttnTap(8, 8, pool="mean", latent_shape=(8, 8), cfg_order="uncond_first", batch=batch, content=list(range(6)))
 
     def call():
         return F.scaled_dot_product_attention(q, k, k)

@@ -16,7 +16,7 @@ def test_diagnose_audioldm2_two_streams_2d(audioldm2_backend):
     d = diagnose(audioldm2_backend, steps=2)
     assert isinstance(d, Diagnosis)
     assert d.exposes_cross_attention and d.frequency_resolved and d.query_lattice == "time x frequency"
-    assert d.latent_shape == (20, 12) and d.prefix_tokens == 0 and d.cfg == "uncond_first"
+    assert d.latent_shape == (20, 12) and d.prefix_tokens == 0 and d.cfg_order == "uncond_first"
     assert len(d.calls) == 42 and all(c.calls_per_step == 1 for c in d.calls)
     by_stream = {}
     for c in d.calls:
@@ -45,7 +45,7 @@ def test_diagnose_sat_dit_cross_time_only_prefix(sat_backend):
     d = diagnose(sat_backend, steps=2)
     assert d.exposes_cross_attention  # the paper's A.4 says none; the code has one per block
     assert not d.frequency_resolved and d.query_lattice == "time only"
-    assert d.latent_shape == (c.latent_len,) and d.prefix_tokens == 1 and d.cfg == "cond_first"
+    assert d.latent_shape == (c.latent_len,) and d.prefix_tokens == 1 and d.cfg_order == "cond_first"
     cross = [g for g in d.calls if g.kind == "cross"]
     assert [g.name for g in cross] == [f"transformer.layers.{i}.cross_attn" for i in range(c.depth)]
     for g in cross:
@@ -121,7 +121,7 @@ def test_cli_model_factory_human(tmp_path, monkeypatch, capsys):
     assert main(["diagnose", "--model", "mha_factory:build", "--steps", "1"]) == 0
     text = capsys.readouterr().out
     assert "cross_attn" in text and "mha" in text and "30 x 7" in text and "6x5" in text
-    assert "exposes cross-attention: yes" in text and "cfg: unknown" in text
+    assert "exposes cross-attention: yes" in text and "cfg_order: unknown" in text
     # the header shows what the factory fed the model, not a default prompt it never saw
     assert "the factory's example inputs: (1, 4, 6, 5), (1, 7, 8) (--prompt not used)" in text
     assert "a bass solo" not in text

@@ -218,16 +218,16 @@ def test_streaming_state_does_not_grow_with_steps():
     assert all(r.probs is None and r.grid is None for r in tap.store)
 
 
-@pytest.mark.parametrize("cfg,batch,expect", [
+@pytest.mark.parametrize("cfg_order,batch,expect", [
     ("uncond_first", "cond", [2, 3]),
     ("uncond_first", "uncond", [0, 1]),
     ("cond_first", "cond", [0, 1]),
     ("cond_first", "all", [0, 1, 2, 3]),
     (None, "cond", [0, 1, 2, 3]),  # no backend fact: every item kept
 ])
-def test_cfg_batch_selection(cfg, batch, expect, ref_probs):
+def test_cfg_batch_selection(cfg_order, batch, expect, ref_probs):
     q, k = torch.randn(4, 2, 6, 8), torch.randn(4, 2, 3, 8)
-    tap = AttnTap(4, 4, pool="max", latent_shape=(3, 2), kinds=("cross", "self"), keep="probs", cfg=cfg, batch=batch)
+    tap = AttnTap(4, 4, pool="max", latent_shape=(3, 2), kinds=("cross", "self"), keep="probs", cfg_order=cfg_order, batch=batch)
     with combined_patch(tap):
         F.scaled_dot_product_attention(q, k, k)
     rec = tap.store[0]
@@ -238,7 +238,7 @@ def test_cfg_batch_selection(cfg, batch, expect, ref_probs):
 
 def test_cfg_odd_batch_is_an_error():
     q = torch.randn(3, 1, 6, 8)
-    tap = AttnTap(4, 4, kinds=("self",), latent_shape=(3, 2), cfg="uncond_first")
+    tap = AttnTap(4, 4, kinds=("self",), latent_shape=(3, 2), cfg_order="uncond_first")
     with pytest.warns(Warning, match="batch 3 is odd"), combined_patch(tap):
         out = F.scaled_dot_product_attention(q, q, q)
     assert out.shape == q.shape

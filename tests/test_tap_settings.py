@@ -14,7 +14,7 @@ BAD = [
     ("tau", "warm"), ("steps", (5, 1)), ("steps", (3, 3)), ("steps", (-1, 4)), ("steps", 7),
     ("cross_ratio", 1.5), ("cross_ratio", math.nan), ("gamma", 0), ("gamma", 1.01), ("gamma", math.nan),
     ("aggregate", "sum"), ("weights", "early"), ("weights", {"a": -1.0}), ("weights", {"a": math.nan}),
-    ("batch", "both"), ("cfg", "first"), ("padding", "wrap"), ("kinds", ("cross", "other")),
+    ("batch", "both"), ("cfg_order", "first"), ("padding", "wrap"), ("kinds", ("cross", "other")),
     ("kernels", ("sdpa", "cuda")), ("keep", "everything"), ("budget_bytes", 0), ("budget_bytes", 1.5),
     ("target_T", 0), ("target_F", -2), ("target_T", 2.5), ("latent_shape", (0, 4)), ("latent_shape", (1, 2, 3)),
     ("prefix_tokens", -1), ("lattices", [(4,)]), ("layers", [3]),

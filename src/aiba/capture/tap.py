@@ -251,7 +251,7 @@ _SETTINGS: dict[str, Callable] = {
     "weights": _weights,
     "gamma": _real("gamma", 0.0, 1.0, True, "a number in (0, 1]"),
     "batch": _one_of("batch", ("cond", "uncond", "all"), "'cond', 'uncond' or 'all'"),
-    "cfg": _one_of("cfg", (None, "uncond_first", "cond_first"), "None, 'uncond_first' or 'cond_first'"),
+    "cfg_order": _one_of("cfg_order", (None, "uncond_first", "cond_first"), "None, 'uncond_first' or 'cond_first'"),
     "padding": _one_of("padding", mapping.PADDINGS),
 }
 
@@ -342,13 +342,13 @@ class AttnTap:
             weight (layer-learned, see :func:`aiba.maps.mapping.fit_layer_weights`).
         gamma: decay of "late".
         batch: with a CFG-doubled batch, which half to keep: "cond", "uncond" or "all".
-        cfg: the backend's fact about the batch: None (not CFG-doubled: every item is kept),
+        cfg_order: the backend's fact about the batch: None (not CFG-doubled: every item is kept),
             "uncond_first" or "cond_first".
         padding: out-of-bounds handling of the bilinear resize ("border", "zeros",
             "reflection"); "border" equals F.interpolate(align_corners=False).
     """
 
-    _CACHE_FIELDS = frozenset({"content", "tokens", "relevance", "tau", "pool", "cfg", "batch"})
+    _CACHE_FIELDS = frozenset({"content", "tokens", "relevance", "tau", "pool", "cfg_order", "batch"})
 
     def __init__(
         self,
@@ -376,7 +376,7 @@ class AttnTap:
         weights: str | Mapping[str, float] = "uniform",
         gamma: float = 0.9,
         batch: str = "cond",
-        cfg: str | None = None,
+        cfg_order: str | None = None,
         padding: str = "border",
     ) -> None:
         self._wcache: dict = {}  # pooling weights, per layer (cleared when pooling settings change)
@@ -401,7 +401,7 @@ class AttnTap:
         self.weights = weights
         self.gamma = gamma
         self.batch = batch
-        self.cfg = cfg
+        self.cfg_order = cfg_order
         self.padding = padding
         self.model_paths: dict[int, str] = {}
         self.reset()
@@ -516,15 +516,15 @@ class AttnTap:
 
     def _batch_rows(self, b: int, name: str) -> slice | None:
         """The batch rows to keep: the CFG half the tap was asked for, or None for all."""
-        if self.cfg is None or self.batch == "all":
+        if self.cfg_order is None or self.batch == "all":
             return None
         if b % 2:
             raise AibaError(
-                f"layer {name!r}: batch {b} is odd but the tap was told the batch is CFG-doubled (cfg={self.cfg!r}); "
-                "set cfg=None or batch='all'"
+                f"layer {name!r}: batch {b} is odd but the tap was told the batch is CFG-doubled (cfg_order={self.cfg_order!r}); "
+                "set cfg_order=None or batch='all'"
             )
         half = b // 2
-        first = (self.cfg == "cond_first") == (self.batch == "cond")
+        first = (self.cfg_order == "cond_first") == (self.batch == "cond")
         return slice(0, half) if first else slice(half, b)
 
     def _pool_weights(self, k_len: int, b: int, device, name: str):

@@ -165,7 +165,7 @@ class BenchModel:
     latent_shape: tuple[int, ...]  # (T, F) or (T,): the query lattice at stride 1
     prefix_tokens: int = 0
     context: dict[int, list[int]] = field(default_factory=dict)  # k_len -> content token indices
-    cfg: str | None = "uncond_first"
+    cfg_order: str | None = "uncond_first"
     config: dict = field(default_factory=dict)
 
     @property
@@ -442,7 +442,7 @@ class Mode:
         m = self.model
         return AttnTap(*self.cfg.target, pool="mean", kinds=kinds, latent_shape=m.latent_shape,
                        prefix_tokens=m.prefix_tokens, content=m.context or None,
-                       cfg=m.cfg if self.cfg.batch % 2 == 0 else None, batch="cond")
+                       cfg_order=m.cfg_order if self.cfg.batch % 2 == 0 else None, batch="cond")
 
     def reset(self) -> None:
         if self.eager is not None:
@@ -767,9 +767,10 @@ def per_call(device: str = "cpu", dtype: torch.dtype = torch.float32, calls: int
     w = torch.zeros(shape["context"], device=dev, dtype=dtype)
     w[content] = 1.0 / len(content)
     cross, selfm = model["attn2"], model["attn1"]
-    taps = {"not-selected": AttnTap(kinds=("cross",), latent_shape=(t, f), content=content, cfg="uncond_first"),
+    taps = {"not-selected": AttnTap(kinds=("cross",), latent_shape=(t, f), content=content,
+                                          cfg_order="uncond_first"),
             "selected-cross": AttnTap(pool="mean", kinds=("cross",), latent_shape=(t, f), content=content,
-                                      cfg="uncond_first")}
+                                      cfg_order="uncond_first")}
     hand = _RecomputeProcessor(w)
     calls_of = {"plain-cross": lambda: cross(x, encoder_hidden_states=ctx), "plain-self": lambda: selfm(x),
                 "not-selected": lambda: selfm(x), "selected-cross": lambda: cross(x, encoder_hidden_states=ctx),

@@ -60,7 +60,7 @@ class Diagnosis:
     prompt: str
     latent_shape: tuple | None
     prefix_tokens: int  # prepended query tokens, stripped before mapping
-    cfg: str | None
+    cfg_order: str | None
     exposes_cross_attention: bool
     frequency_resolved: bool
     query_lattice: str  # "time x frequency" | "time only" | "unknown"
@@ -289,7 +289,7 @@ def diagnose(backend, *, prompt: str = "a bass solo with drums", steps: int = 2,
     notes = _notes(backend, tap, prompt, calls, inside, escaped, escaped_modules)
     return Diagnosis(
         backend=backend.name, denoiser=type(backend.denoiser).__name__, steps=steps, prompt=prompt,
-        latent_shape=None if latent is None else tuple(latent), prefix_tokens=tap.prefix_tokens, cfg=tap.cfg,
+        latent_shape=None if latent is None else tuple(latent), prefix_tokens=tap.prefix_tokens, cfg_order=tap.cfg_order,
         exposes_cross_attention=exposes, frequency_resolved=bool(freq), query_lattice=lattice_kind,
         calls=calls, attention_modules=len(modules), attention_module_runs=sum(runs.values()),
         calls_seen=len(inside), escaped=escaped, escaped_modules=escaped_modules, outside_calls=outside,
@@ -332,7 +332,7 @@ def format_report(d: Diagnosis) -> str:
     inputs = d.prompt if d.prompt.startswith("the factory's") else f"prompt {d.prompt!r}"
     lines = [f"aiba diagnose: {d.backend} ({d.denoiser}), {d.steps} step(s), {inputs}",
              f"latent {d.latent_shape if d.latent_shape is not None else 'unknown'} ({d.query_lattice}); "
-             f"prefix tokens {d.prefix_tokens}; CFG {d.cfg or 'none'}", ""]
+             f"prefix tokens {d.prefix_tokens}; CFG {d.cfg_order or 'none'}", ""]
     header = ("module path", "kernel", "kind", "stream", "q_len x k_len", "heads", "calls/step", "lattice")
     rows = [(c.name, c.kernel, c.kind + ("?" if c.kind_source == "heuristic" else ""), c.stream or "-",
              f"{c.q_len} x {c.k_len}", str(c.heads), f"{c.calls_per_step:g}", _fmt_lat(c.lattice)) for c in d.calls]
@@ -450,7 +450,7 @@ def _diagnose_args(args):
 
         model, run = load_factory(args.model)
         backend = GenericBackend(model, run, latent_shape=_ints(args.latent_shape) if args.latent_shape else None,
-                                 prefix_tokens=args.prefix_tokens, cfg=args.cfg, name=f"generic ({args.model})")
+                                 prefix_tokens=args.prefix_tokens, cfg_order=args.cfg_order, name=f"generic ({args.model})")
     elif args.backend:
         if args.backend == "generic":
             raise AibaError("--backend generic needs --model package.module:factory")
@@ -482,5 +482,5 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latent-shape", help="--model: latent T,F (or T for time only); inferred when omitted")
     p.add_argument("--prefix-tokens", type=int, help="--model: prepended query tokens")
-    p.add_argument("--cfg", choices=["uncond_first", "cond_first"], help="--model: CFG batch order")
+    p.add_argument("--cfg", dest="cfg_order", choices=["uncond_first", "cond_first"], help="--model: CFG batch order")
     p.set_defaults(func=_run)
