@@ -17,7 +17,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from aiba.runs.config import EvalConfig, plan
-from aiba.tools.eval import instrument_token_indices, merge, run_eval
+from aiba.custom import instrument_token_indices
+from aiba.tools.eval import merge, run_eval
 from aiba.tools.report import build_report as report
 from aiba.runs.records import load_records
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from .errors import AibaError
 
-__all__ = ["word_indices", "word_mask", "advance_steps", "step_callback"]
+__all__ = ["word_indices", "word_mask", "advance_steps", "step_callback", "instrument_token_indices"]
 
 
 def _tokens(tokenizer, prompt: str) -> list[str]:
@@ -44,8 +44,6 @@ def word_indices(tokenizer, prompt: str, word: str) -> list[int]:
     are keys of the cross-attention), aiba's reference :class:`WordTokenizer`, or a callable
     ``prompt -> list of token strings``. AibaError naming the tokens when the word is absent.
     """
-    from .tools.eval import instrument_token_indices
-
     if not re.search(r"\w", word or ""):
         raise AibaError(f"word_indices: expected a word, got {word!r}")
     return instrument_token_indices(_tokens(tokenizer, prompt), word)
@@ -99,3 +97,29 @@ def step_callback(taps=None, then=None):
         return callback_kwargs
 
     return callback
+
+
+def _norm_token(tok: str) -> str:
+    return re.sub(r"^(▁|Ġ|##)", "", tok).replace("</w>", "").lower()
+
+
+def instrument_token_indices(tokens, words: str) -> list[int]:
+    """Indices of the key tokens that spell the instrument word(s) (subword runs allowed).
+
+    ``tokens``: the stream's key tokens as the backend's tokenizer gives them.
+    """
+    norm = [_norm_token(t) for t in tokens]
+    out: list[int] = []
+    for w in re.findall(r"[\w'-]+", words.lower()):
+        for i in range(len(norm)):
+            acc = ""
+            for j in range(i, len(norm)):
+                acc += norm[j]
+                if acc == w:
+                    out.extend(range(i, j + 1))
+                    break
+                if not w.startswith(acc):
+                    break
+    if not out:
+        raise AibaError(f"instrument word(s) {words!r} not found among the key tokens {list(tokens)}")
+    return sorted(set(out))

@@ -767,10 +767,8 @@ def per_call(device: str = "cpu", dtype: torch.dtype = torch.float32, calls: int
     w = torch.zeros(shape["context"], device=dev, dtype=dtype)
     w[content] = 1.0 / len(content)
     cross, selfm = model["attn2"], model["attn1"]
-    taps = {"not-selected": AttnTap(kinds=("cross",), latent_shape=(t, f), content=content,
-                                          cfg_order="uncond_first"),
-            "selected-cross": AttnTap(pool="mean", kinds=("cross",), latent_shape=(t, f), content=content,
-                                      cfg_order="uncond_first")}
+    common = dict(kinds=("cross",), latent_shape=(t, f), content=content, cfg_order="uncond_first")
+    taps = {"not-selected": AttnTap(**common), "selected-cross": AttnTap(pool="mean", **common)}
     hand = _RecomputeProcessor(w)
     calls_of = {"plain-cross": lambda: cross(x, encoder_hidden_states=ctx), "plain-self": lambda: selfm(x),
                 "not-selected": lambda: selfm(x), "selected-cross": lambda: cross(x, encoder_hidden_states=ctx),

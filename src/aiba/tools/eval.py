@@ -45,7 +45,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
 import time
 import warnings
@@ -69,8 +68,9 @@ from ..runs.config import (
 )
 from ..runs.records import RECORDS, append_record, read_lines, load_records
 from ..runs.manifest import check_manifest, config_from_manifest, prepare_dir, read_manifest
+from ..custom import instrument_token_indices
 
-__all__ = ["run_eval", "merge", "instrument_token_indices", "dist_info", "register"]
+__all__ = ["run_eval", "merge", "dist_info", "register"]
 
 
 # ---------------------------------------------------------------------------- settings
@@ -86,32 +86,6 @@ def dist_info() -> tuple[int, int]:
     if world < 1 or not 0 <= rank < world:
         raise AibaError(f"RANK={rank} must be in [0, WORLD_SIZE={world})")
     return rank, world
-
-
-def _norm_token(tok: str) -> str:
-    return re.sub(r"^(▁|Ġ|##)", "", tok).replace("</w>", "").lower()
-
-
-def instrument_token_indices(tokens, words: str) -> list[int]:
-    """Indices of the key tokens that spell the instrument word(s) (subword runs allowed).
-
-    ``tokens``: the stream's key tokens as the backend's tokenizer gives them.
-    """
-    norm = [_norm_token(t) for t in tokens]
-    out: list[int] = []
-    for w in re.findall(r"[\w'-]+", words.lower()):
-        for i in range(len(norm)):
-            acc = ""
-            for j in range(i, len(norm)):
-                acc += norm[j]
-                if acc == w:
-                    out.extend(range(i, j + 1))
-                    break
-                if not w.startswith(acc):
-                    break
-    if not out:
-        raise AibaError(f"instrument word(s) {words!r} not found among the key tokens {list(tokens)}")
-    return sorted(set(out))
 
 
 # ---------------------------------------------------------------------------- run dir
