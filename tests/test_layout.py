@@ -334,3 +334,17 @@ def test_length_checker_catches_a_long_function():
     src = {"m.py": f"@dec\ndef long():\n{body}\n\ndef short():\n    pass\n\nclass C:\n    def meth(self):\n{method}"}
     assert long_functions(src) == ["m.py:2 long (61 lines)", "m.py:69 meth (61 lines)"]
     assert long_functions(src, limit=61) == []
+
+
+def test_pyproject_lists_every_package():
+    """``pip install .`` ships only the packages pyproject lists: every folder with an
+    ``__init__.py`` under src/aiba (and backends/) must be there."""
+    import re
+
+    text = (ROOT / "pyproject.toml").read_text()
+    m = re.search(r"^packages\s*=\s*\[([^\]]*)\]", text, flags=re.M)
+    assert m, "pyproject.toml: no [tool.setuptools] packages list"
+    listed = set(re.findall(r'"([\w.]+)"', m.group(1)))
+    on_disk = {".".join(("aiba", *p.parent.relative_to(ROOT / "src" / "aiba").parts))
+               for p in (ROOT / "src" / "aiba").rglob("__init__.py")} | {"aiba.backends"}
+    assert listed == on_disk, f"pyproject packages {sorted(listed)} != folders {sorted(on_disk)}"
