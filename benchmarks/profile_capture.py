@@ -74,14 +74,10 @@ class StageTimer:
         return _patch(cls, "on_call", wrapped)
 
 
-@contextlib.contextmanager
 def _patch(owner, attr, value):
-    old = getattr(owner, attr)
-    setattr(owner, attr, value)
-    try:
-        yield
-    finally:
-        setattr(owner, attr, old)
+    from aiba.capture.patch import swap_attr  # aiba is importable once main() set sys.path
+
+    return swap_attr(owner, attr, value)
 
 
 def main(argv=None) -> int:

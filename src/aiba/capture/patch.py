@@ -39,7 +39,7 @@ from ..errors import AibaError, AibaWarning
 from .probs import AttnInputs
 from .tap import AttnTap, CallRecord
 
-__all__ = ["combined_patch", "CallSink", "active_taps", "patched_symbols", "swap_everywhere", "module_kind", "CONTEXT_ARGS",
+__all__ = ["combined_patch", "swap_attr", "CallSink", "active_taps", "patched_symbols", "swap_everywhere", "module_kind", "CONTEXT_ARGS",
            "CACHE_ARGS", "CROSS_NAMES"]
 
 class CallSink(Protocol):
@@ -689,22 +689,25 @@ def _targets() -> list[_Target]:
     return out
 
 
-_MISSING = object()
-
-
 @contextmanager
-def _swap(t: _Target) -> Iterator[None]:
-    """Set ``owner.attr``; on exit put the original back, or delete it if it was not there."""
-    had = t.attr in vars(t.owner)
-    old = vars(t.owner)[t.attr] if had else _MISSING
-    setattr(t.owner, t.attr, t.replacement)
+def swap_attr(owner, attr: str, value) -> Iterator[None]:
+    """Set ``owner.attr = value``; on exit put the original back, or delete the attribute if
+    ``owner`` did not hold it itself (as ``unittest.mock.patch`` does). The one
+    save-and-restore aiba uses for every symbol it swaps."""
+    had = attr in vars(owner)
+    old = vars(owner)[attr] if had else None
+    setattr(owner, attr, value)
     try:
         yield
     finally:
         if had:
-            setattr(t.owner, t.attr, old)
+            setattr(owner, attr, old)
         else:
-            delattr(t.owner, t.attr)
+            delattr(owner, attr)
+
+
+def _swap(t: _Target):
+    return swap_attr(t.owner, t.attr, t.replacement)
 
 
 _LOCK = threading.RLock()

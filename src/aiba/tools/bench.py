@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AibaError
-from ..capture.patch import swap_everywhere
+from ..capture.patch import swap_attr, swap_everywhere
 
 __all__ = [
     "MODES",
@@ -393,7 +393,6 @@ class HostCopyCounter:
 
     @contextlib.contextmanager
     def counting(self) -> Iterator["HostCopyCounter"]:
-        saved = {n: vars(torch.Tensor).get(n, _MISSING) for n in _HOST_METHODS}
         dev_type = self.device.type
 
         def wrap(name):
@@ -407,19 +406,10 @@ class HostCopyCounter:
 
             return counted
 
-        try:
+        with contextlib.ExitStack() as stack:
             for n in _HOST_METHODS:
-                setattr(torch.Tensor, n, wrap(n))
+                stack.enter_context(swap_attr(torch.Tensor, n, wrap(n)))
             yield self
-        finally:
-            for n, old in saved.items():
-                if old is _MISSING:
-                    delattr(torch.Tensor, n)
-                else:
-                    setattr(torch.Tensor, n, old)
-
-
-_MISSING = object()
 
 
 # -------------------------------------------------------------------- runners
