@@ -217,9 +217,12 @@ def test_per_call_overheads_are_paired_differences(generic_result):
     assert set(pc["us"]) == set(bench.PER_CALL_MODES) and set(pc["overhead_us"]) == set(bench.PER_CALL_LINES)
     assert pc["threads"] == 1 and pc["reps"] == 3
     for line, (m, base) in bench.PER_CALL_LINES.items():
-        row = pc["overhead_us"][line]
-        assert row["all"] == [a - b for a, b in zip(pc["us"][m]["all"], pc["us"][base]["all"])]
-        assert row["median"] == statistics.median(row["all"]) and row["min"] <= row["q1"] <= row["q3"] <= row["max"]
+        for us, overhead in (("us", "overhead_us"), ("in_call_us", "in_call_overhead_us")):
+            row = pc[overhead][line]
+            assert row["all"] == [a - b for a, b in zip(pc[us][m]["all"], pc[us][base]["all"])]
+            assert row["median"] == statistics.median(row["all"]) and row["min"] <= row["q1"] <= row["q3"] <= row["max"]
+    for m in bench.PER_CALL_MODES:  # a positive time per repetition
+        assert len(pc["in_call_us"][m]["all"]) == 3 and 0 < pc["in_call_us"][m]["median"]
     for row in generic_result["models"]["generic_tiny"]["modes"].values():
         assert row["ratio_all"] == [a / b for a, b in zip(row["ms_all"], generic_result["models"]["generic_tiny"]["modes"]["none"]["ms_all"])]
         assert row["ratio_paired"] == statistics.median(row["ratio_all"])

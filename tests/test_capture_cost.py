@@ -299,3 +299,78 @@ def test_recompute_peak_rss_within_budget(args):
     m = json.loads(res.stdout.strip().splitlines()[-1])
     assert m["naive"] >= 4.5 * m["budget"]
     assert m["extra"] <= 1.05 * m["budget"], f"{m['extra'] / m['budget']:.3f} x budget"
+
+
+# ------------------------------------------------------------- per-layer plan, lazy sizes
+def _pooled_lattice_map(ref_probs, q, k, w, lattice):
+    """float64: the conditional item's head-mean probabilities pooled by ``w``, on the lattice."""
+    a = ref_probs(q[1:], k[1:], None)  # (1, Lq, Lk)
+    return (a @ w.double().reshape(-1, 1)).reshape(1, *lattice)
+
+
+def test_layer_plan_follows_setting_changes_and_reset(ref_probs):
+    """The per-layer plan of the common cross call (lattice, sum, pooling vector) is dropped
+    when a setting changes and on reset: the second call pools with the new content tokens,
+    and after reset the sums start from zero (a stale plan would fold into the old sums)."""
+    g = torch.Generator().manual_seed(5)
+    q, k = _diffusers_layout(2, 4, 32, 8, torch.float32, g), _diffusers_layout(2, 4, 6, 8, torch.float32, g)
+    tap = AttnTap(8, 4, latent_shape=(8, 4), cfg_order="uncond_first", content=[0, 1])
+    wa, wb = torch.tensor([0.5, 0.5, 0, 0, 0, 0]), torch.tensor([0, 0, 0, 1 / 3, 1 / 3, 1 / 3])
+    with combined_patch(tap):  # one call per step: each is layer "sdpa.0"
+        F.scaled_dot_product_attention(q, k, k)
+        tap.next_step()
+        F.scaled_dot_product_attention(q, k, k)  # steady state: the plan is used
+        tap.next_step()
+        tap.content = [3, 4, 5]
+        F.scaled_dot_product_attention(q, k, k)
+    expect = (2 * _pooled_lattice_map(ref_probs, q, k, wa, (8, 4)) + _pooled_lattice_map(ref_probs, q, k, wb, (8, 4))) / 3
+    torch.testing.assert_close(tap.maps().layers["sdpa.0"].double(), expect, rtol=0, atol=1e-6)  # grid = lattice
+    tap.reset()
+    with combined_patch(tap):
+        F.scaled_dot_product_attention(q, k, k)
+    maps = tap.maps()
+    assert maps.calls == 1
+    torch.testing.assert_close(maps.layers["sdpa.0"].double(), _pooled_lattice_map(ref_probs, q, k, wb, (8, 4)),
+                               rtol=0, atol=1e-6)
+
+
+def test_layer_plan_is_not_used_for_a_masked_call(ref_probs):
+    """A call of the same layer with a mask takes the general
+    path: its map is still exact."""
+    g = torch.Generator().manual_seed(6)
+    q, k = _diffusers_layout(2, 4, 32, 8, torch.float32, g), _diffusers_layout(2, 4, 6, 8, torch.float32, g)
+    mask = torch.tensor([[True, True, True, True, False, False]])  # (1, Lk): the last two keys masked out
+    tap = AttnTap(8, 4, latent_shape=(8, 4), cfg_order="uncond_first", content=[0, 1, 2, 3], kinds=("cross",))
+    w = torch.tensor([0.25] * 4 + [0, 0])
+    with combined_patch(tap):
+        F.scaled_dot_product_attention(q, k, k)
+        tap.next_step()
+        F.scaled_dot_product_attention(q, k, k, attn_mask=mask)
+    a0 = _pooled_lattice_map(ref_probs, q, k, w, (8, 4))
+    a1 = _pooled_lattice_map(lambda q_, k_, m: ref_probs(q_, k_, mask), q, k, w, (8, 4))
+    assert not torch.allclose(a0, a1)
+    torch.testing.assert_close(tap.maps().layers["sdpa.0"].double(), (a0 + a1) / 2, rtol=0, atol=1e-6)
+
+
+def test_self_call_kind_and_unkept_call_never_read_the_sizes():
+    """A module's context argument decides "self" without the call's sizes, and a call a
+    ``records="selected"`` tap keeps nothing of is only counted: no record, no sizes."""
+    from aiba.capture.patch import module_kind
+
+    class Attn(torch.nn.Module):
+        def forward(self, x, encoder_hidden_states=None):
+            return F.scaled_dot_product_attention(x, x, x)
+
+    def no_sizes():
+        raise AssertionError("sizes were read")
+
+    m = Attn()
+    assert module_kind(m, (torch.zeros(1),), {}, no_sizes) == ("self", "args", None)
+    tap = AttnTap(records="selected", kinds=("cross",))
+    assert tap.record_call("sdpa", "attn", "self", "args", no_sizes) is None
+    assert tap.counts == {"attn": 1} and tap.store == []
+    net = torch.nn.ModuleDict({"attn": m})
+    with combined_patch(tap, model=net):
+        for _ in range(3):
+            net["attn"](torch.randn(1, 2, 5, 4))
+    assert tap.counts == {"attn": 4} and tap.store == []

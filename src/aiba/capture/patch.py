@@ -47,7 +47,8 @@ class CallSink(Protocol):
 
     Per kernel call, after the kernel has run: the shim finds the issuing module's path in
     ``model_paths``, settles the kind (``override_kind``, then ``heuristic_kind``), calls
-    ``record_call`` with the call's shape, and, when the record is selected and the tap
+    ``record_call`` with the call's shape (a callable, so a call the tap keeps nothing of
+    never has its sizes read), and, when the record is selected and the tap
     ``computes``, builds the inputs and calls ``capture_call``. Anything that goes wrong goes
     to ``record_failure``; nothing is raised into the model's forward.
     """
@@ -63,7 +64,7 @@ class CallSink(Protocol):
     def heuristic_kind(self, q_len: int, k_len: int) -> str: ...
 
     def record_call(self, kernel: str, name: str | None, kind: str, kind_source: str,
-                    shape: tuple[int, int, int, int], outside: bool = False,
+                    shape: tuple[int, int, int, int] | Callable[[], tuple[int, int, int, int]], outside: bool = False,
                     context: tuple[int, int] | None = None) -> CallRecord | None: ...
 
     def capture_call(self, kernel: str, rec: CallRecord, x: AttnInputs) -> None: ...
@@ -90,6 +91,7 @@ CROSS_NAMES = frozenset({"encoder_attn", "EncDecAttention", "attn2", "cross_attn
 _CONTEXT_FIRST = ("Flux", "AuraFlow", "Bria", "LongCat", "Ovis", "EasyAnimate", "AddedKV")
 _MAX_FRAMES = 64  # frames walked up from a kernel call to the nearest module call
 _CALL_IMPL = nn.Module._call_impl.__code__
+_WRAPPED_CALL_IMPL = nn.Module._wrapped_call_impl.__code__  # module(...) -> _wrapped_call_impl -> _call_impl
 _is_compiling = torch.compiler.is_compiling
 _graph_task = torch._C._current_graph_task_id
 
@@ -116,7 +118,10 @@ def _issuer(frame):
         if frame is None:
             break
         if frame.f_code is _CALL_IMPL:
-            loc = frame.f_locals
+            # the same self/args/kwargs are the only locals of the module call's outer frame,
+            # whose f_locals is several times cheaper to build (no hook closures)
+            up = frame.f_back
+            loc = (up if up is not None and up.f_code is _WRAPPED_CALL_IMPL else frame).f_locals
             return loc.get("self"), loc.get("args", ()), loc.get("kwargs") or {}, frame
         frame = frame.f_back
     return None, (), {}, None
@@ -198,20 +203,23 @@ def _joint_span(module: nn.Module, sig: _Sig, args, kwargs, ctx, lq: int, lk: in
     attention), or the keys only (diffusers' added-KV processors: latent queries over
     [context; latent] keys). None otherwise."""
     m = _seq_len(ctx)
+    if m is None or lk <= m:
+        return None  # keys no longer than the context: a plain cross call
     n = _seq_len(_arg(sig, args, kwargs, sig.first)) if sig.first is not None else None
-    if m is None or n is None or lk != n + m or lq not in (n, n + m):
+    if n is None or lk != n + m or lq not in (n, n + m):
         return None
     owner = f"{type(module).__name__} {type(_attr(module, 'processor')).__name__}"
     first = any(tag in owner for tag in _CONTEXT_FIRST)
     return (0, m) if first else (n, n + m)
 
 
-def module_kind(module: nn.Module | None, args: tuple, kwargs: dict, lq: int, lk: int, frame=None):
+def module_kind(module: nn.Module | None, args: tuple, kwargs: dict, shape, frame=None):
     """Kind from the facts of the issuing module, in order: its forward arguments
     (CONTEXT_ARGS: a value -> "cross" or "joint", None -> "self"), then its
-    ``is_cross_attention`` attribute. Returns (kind, source, context span) or
-    (None, hint, None) where hint is "cache" when the module was handed a cache of its own
-    past keys (the length rule then never says "cross")."""
+    ``is_cross_attention`` attribute. ``shape``: the call's (B, H, Lq, Lk), or a callable
+    returning it (asked only when a joint span has to be checked). Returns (kind, source,
+    context span) or (None, hint, None) where hint is "cache" when the module was handed a
+    cache of its own past keys (the length rule then never says "cross")."""
     if module is None:
         return None, None, None
     sig = _SIGS.get(type(module)) or _sig(type(module))
@@ -221,9 +229,13 @@ def module_kind(module: nn.Module | None, args: tuple, kwargs: dict, lq: int, lk
     for name in sig.context:
         v = _arg(sig, args, kwargs, name)
         if v is None:
+            if _attr(module, "pre_only") is not True:
+                return "self", "args", None  # the common self call: decided without the call's sizes
+            lq, lk = _lens(shape)
             span = _single_stream_span(frame, module, lq, lk)
             return ("joint", "args", span) if span is not None else ("self", "args", None)
         if v is not _ABSENT:
+            lq, lk = _lens(shape)
             span = _joint_span(module, sig, args, kwargs, v, lq, lk)
             return ("joint", "args", span) if span is not None else ("cross", "args", None)
     if sig.var_kw:
@@ -240,20 +252,26 @@ def module_kind(module: nn.Module | None, args: tuple, kwargs: dict, lq: int, lk
     return None, None, None
 
 
+def _lens(shape) -> tuple[int, int]:
+    """(Lq, Lk) of a (B, H, Lq, Lk) shape or of a callable returning one."""
+    s = shape() if callable(shape) else shape
+    return s[2], s[3]
+
+
 _NAMED: dict[str, bool] = {}  # layer path -> its last component names a cross-attention layer
 
 
-def _tag(tap: CallSink, name: str | None, lq: int, lk: int, kind, source):
-    """Finish the kind for one tap: the module's facts, then its path's last component
-    (CROSS_NAMES), then the tap's override, then the length rule."""
-    if kind is not None:
-        return kind, source
+def _tag(tap: CallSink, name: str | None, shape, source):
+    """Finish a kind the module's facts left open, for one tap: the path's last component
+    (CROSS_NAMES), then the tap's override, then the length rule (``shape`` as in
+    :func:`module_kind`)."""
     if name is not None:
         named = _NAMED.get(name)
         if named is None:
             named = _NAMED[name] = name.rsplit(".", 1)[-1] in CROSS_NAMES
         if named:
             return "cross", "attribute"
+    lq, lk = _lens(shape)
     k = tap.override_kind(name, lq, lk)
     if k is not None:
         return k, "override"
@@ -283,16 +301,17 @@ def _fail(tap: CallSink, rec, name, exc: BaseException) -> None:
         pass
 
 
-def _dispatch(kernel: str, frame, probe: torch.Tensor, size: Callable, build: Callable, cargs: tuple, ckw: dict,
-              module=None, fixed=None) -> None:
-    """Hand one kernel call to the active taps that take ``kernel``.
+def _dispatch(taps: tuple, kernel: str, frame, probe: torch.Tensor, size: Callable, build: Callable, cargs: tuple,
+              ckw: dict, module=None, fixed=None) -> None:
+    """Hand one kernel call to the active ``taps`` that take ``kernel``.
 
-    ``size(module, *cargs, **ckw)`` -> (B, H, Lq, Lk) without building anything;
-    ``build(*cargs, module=module, **ckw)`` -> AttnInputs, called only if some tap selected
-    the call. ``module``/``fixed`` (kind, source): the issuing module and the kind when the
-    shim knows them (MHA).
+    ``size(module, *cargs, **ckw)`` -> (B, H, Lq, Lk) without building anything, asked only
+    when a rule or a record needs the sizes; ``build(*cargs, module=module, **ckw)`` ->
+    AttnInputs, called only if some tap selected the call. ``module``/``fixed`` (kind,
+    source): the issuing module and the kind when the shim knows them (MHA). A call a tap
+    neither selects nor records (``records="selected"``) costs the module lookup, the kind
+    from the module's arguments and a counter.
     """
-    taps = _ACTIVE.get()
     if len(taps) != 1 or kernel not in taps[0].kernels:
         taps = [t for t in taps if kernel in t.kernels]
         if not taps:
@@ -302,25 +321,31 @@ def _dispatch(kernel: str, frame, probe: torch.Tensor, size: Callable, build: Ca
     if type(probe) is not torch.Tensor and _traced(probe):
         _UNSEEN["traced"] += 1
         return
+    memo = []
+
+    def shape():
+        if not memo:
+            memo.append(size(module, *cargs, **ckw))
+        return memo[0]
+
     try:
         if module is None:
             module, args, kwargs, found = _issuer(frame)
-        b, h, lq, lk = size(module, *cargs, **ckw)
         if fixed is not None:
             kind, source, span = fixed[0], fixed[1], None
         else:
-            kind, source, span = module_kind(module, args, kwargs, lq, lk, found)
+            kind, source, span = module_kind(module, args, kwargs, shape, found)
     except Exception as e:  # the kernel ran; report, never raise
         for tap in taps:
             _fail(tap, None, kernel, e)
         return
     x = None
     for tap in taps:
-        rec = None
+        rec = name = None
         try:
             name = tap.model_paths.get(id(module)) if module is not None else None
-            k, src = (kind, source) if kind is not None else _tag(tap, name, lq, lk, kind, source)
-            rec = tap.record_call(kernel, name, k, src, (b, h, lq, lk), bool(tap.model_paths) and name is None, span)
+            k, src = (kind, source) if kind is not None else _tag(tap, name, shape, source)
+            rec = tap.record_call(kernel, name, k, src, shape, bool(tap.model_paths) and name is None, span)
             if rec is not None and rec.captured and rec.note is None and tap.computes:
                 if x is None:
                     x = build(*cargs, module=module, **ckw)
@@ -366,6 +391,9 @@ def _sdpa_size(query, key, module) -> tuple[int, int, int, int]:
 
 def _sdpa_inputs(query, key, value=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                  module=None) -> AttnInputs:
+    if (attn_mask is None and query.dim() == 4 and key.dim() == 4 and key.shape[0] == query.shape[0]
+            and key.shape[1] == query.shape[1] and (module is None or "num_key_value_groups" not in module.__dict__)):
+        return AttnInputs.accepted(query, key, scale, "top_left" if is_causal else None)  # the common call: as given
     g = _packed_groups(module, query, key)
     if g > 1:
         b, hk, _, d = query.shape
@@ -395,9 +423,10 @@ def _make_shim(kernel: str, orig, to_inputs, to_size):
         if _is_compiling():
             return orig(*args, **kwargs)  # traced by torch.compile: stay out of the graph
         out = orig(*args, **kwargs)
-        if _ACTIVE.get() and not _INSIDE.get():
-            _dispatch(kernel, sys._getframe(1), args[0] if args else next(iter(kwargs.values())), to_size, to_inputs,
-                      args, kwargs)
+        taps = _ACTIVE.get()
+        if taps and not _INSIDE.get():
+            _dispatch(taps, kernel, sys._getframe(1), args[0] if args else next(iter(kwargs.values())), to_size,
+                      to_inputs, args, kwargs)
         return out
 
     return shim
@@ -514,7 +543,7 @@ def _mha_shim(self, *args, **kwargs):
         for tap in _ACTIVE.get():
             _fail(tap, None, "mha", e)
         return out
-    _dispatch("mha", None, query, _mha_size_args, _mha_build, (self, query, key, kpm, attn_mask, is_causal), {},
+    _dispatch(_ACTIVE.get(), "mha", None, query, _mha_size_args, _mha_build, (self, query, key, kpm, attn_mask, is_causal), {},
               module=self, fixed=(kind, "args"))
     return out
 
@@ -574,7 +603,7 @@ def _tel_shim(*args, **kwargs):
             for tap in _ACTIVE.get():
                 _fail(tap, None, "mha", e)
             return out
-        _dispatch("mha", None, src if not src.is_nested else torch.empty(0), lambda m: (b, h, lq, lq),
+        _dispatch(_ACTIVE.get(), "mha", None, src if not src.is_nested else torch.empty(0), lambda m: (b, h, lq, lq),
                   lambda module=None: _tel_inputs(src, a["embed_dim"], h, a["in_w"], a["in_b"], a["norm_first"], a["eps"],
                                                   a["n1w"], a["n1b"], a.get("mask"), a.get("mask_type")),
                   (), {}, module=module, fixed=("self", "args"))

@@ -41,6 +41,7 @@ __all__ = ["AttnTap", "CallRecord", "TapMaps", "KINDS", "KERNELS"]
 KINDS = ("cross", "self")
 KERNELS = ("sdpa", "mha", "xformers", "flash_attn")
 KEEP = ("calls", "probs", "steps")
+_NO_WINDOW = (-1, -1)
 _WEIGHTED = ("mean", "subset", "softmax")  # pools that weight the keys (one matmul with the head mean)
 RECORDS = ("all", "selected")
 # what rec.kind_source can say, in the order the rules are tried (see AttnTap)
@@ -413,6 +414,8 @@ class AttnTap:
         if check is not None:
             value = check(value)
         object.__setattr__(self, key, value)
+        if check is not None or key in AttnTap._CACHE_FIELDS:
+            self._plans = {}  # per-layer capture plans hold settings: rebuilt after any change
         if key in AttnTap._CACHE_FIELDS and "_wcache" in self.__dict__:
             self._wcache.clear()
         if key == "layers" and "_selcache" in self.__dict__:
@@ -439,6 +442,7 @@ class AttnTap:
         self.errors: list[tuple[str, str]] = []  # (layer, message) of calls that failed to record
         self._lattice_of: dict[str, tuple] = {}  # layer name -> first lattice it mapped on
         self._selcache: dict[str, bool] = {}  # layer name -> matches ``layers``
+        self._plans: dict[str, tuple] = {}  # layer name -> its fast cross-call plan (see _capture_item)
 
     def next_step(self) -> int:
         """Advance the denoising-step counter (backends call this once per step)."""
@@ -547,24 +551,25 @@ class AttnTap:
         return hit
 
     # --------------------------------------------------------------- capture
-    def record_call(self, kernel: str, name: str | None, kind: str, kind_source: str, shape: tuple[int, int, int, int],
-                outside: bool = False, context: tuple[int, int] | None = None) -> CallRecord | None:
-        """Decide and note one call before anything is computed for it. Returns its record
-        (``captured`` True when the tap selected it for recompute), or None when the tap
-        keeps no record for it (``records="selected"``)."""
-        b, h, lq, lk = shape
-        name = name if name is not None else self._auto_name(kernel)
-        self.counts[name] = self.counts.get(name, 0) + 1
+    def record_call(self, kernel: str, name: str | None, kind: str, kind_source: str,
+                    shape: tuple[int, int, int, int] | Callable[[], tuple[int, int, int, int]], outside: bool = False,
+                    context: tuple[int, int] | None = None) -> CallRecord | None:
+        """Decide and note one call before anything is computed for it. ``shape``: the call's
+        (B, H, Lq, Lk), or a callable returning it (asked only when a record is kept). Returns
+        its record (``captured`` True when the tap selected it for recompute), or None when the
+        tap keeps no record for it (``records="selected"``)."""
+        if name is None:
+            name = self._auto_name(kernel)
+        counts = self.counts
+        counts[name] = counts.get(name, 0) + 1
         selected = not outside and self._selected(name, kind)
         if not selected and self.records == "selected":
             return None
-        rec = CallRecord(name, kernel, kind, self.step, lq, lk, h, b, len(self.store), kind_source, outside=outside,
-                         context=context)
+        b, h, lq, lk = shape() if callable(shape) else shape
+        rec = CallRecord(name, kernel, kind, self.step, lq, lk, h, b, len(self.store), kind_source, None, selected,
+                         outside, None, None, context)
         self.store.append(rec)
-        if not selected or not self.computes:
-            rec.captured = selected
-            return rec  # a record is all that was asked for: nothing to recompute
-        if lq == 0 or lk == 0:
+        if selected and (lq == 0 or lk == 0) and self.computes:
             rec.captured, rec.note = False, "empty"  # the kernel returned its result; no probabilities exist
         return rec
 
@@ -580,6 +585,11 @@ class AttnTap:
         context) as a cross call under the layer's name, and the latent block (renormalised
         over the latent keys) as a self call under ``name + ":self"``."""
         if rec.kind != "joint":
+            plan = self._plans.get(rec.name)
+            if (plan is not None and rec.kind == "cross" and plan[0] == x.q.shape and plan[1] == x.k.shape and plan[2] is x.q.dtype
+                    and x.bias is None and x.causal is None and not x.softcap and x.window == _NO_WINDOW):
+                self._fold_item(rec, x, plan)  # the common cross call, its layer's plan in hand
+                return
             self.on_call(kernel, rec.name, rec.kind, rec.kind_source, x, rec.outside, rec=rec)
             return
         if "probs" in self.keep:
@@ -672,30 +682,18 @@ class AttnTap:
         pooled probabilities straight into the layer's running sum (three kernels for float32,
         five for half types; see :func:`aiba.capture.probs.fold_pooled_item`). False: not applicable.
 
-        What a layer needs (lattice, sum, pooling vector) is cached per layer as a plan, valid
-        while the call's shapes, the layer's sum and the mapping settings stay the same (the
-        plan lives in the pooling cache, which pooling settings clear)."""
+        What the layer needs (lattice, sum, pooling vector, kept item) is kept as a plan per
+        layer, valid while the call's shapes and dtype stay the same; :meth:`capture_call`
+        uses it directly for the layer's next calls. Any setting change or :meth:`reset`
+        drops every plan."""
         q, k = x.q, x.k
-        qs, ks = q.shape, k.shape
-        plan = self._wcache.get(("plan", name))
-        if (plan is None or plan[0] != qs or plan[1] != ks or plan[2] is not q.dtype or plan[3] is not self._acc.get(plan[9])
-                or plan[4] is not self.latent_shape or plan[5] != (self.prefix_tokens, self.lattices, self.budget_bytes)):
-            plan = self._item_plan(name, q, k)
-            if plan is None:
-                return False
-        acc, flat, vec, lat = plan[3], plan[6], plan[7], plan[8]
-        rec.lattice = lat
-        fold_pooled_item(q[item], k[item], x.scale, vec, flat, self._count(acc, rec.step), self.prefix_tokens)
-        return True
-
-    def _item_plan(self, name: str, q: torch.Tensor, k: torch.Tensor) -> tuple | None:
         _, h, lq, e = q.shape
         lk = k.shape[2]
         if k.shape[1] != h:
-            return None
+            return False
         block = h * lk * lq * 4 + (0 if q.dtype == torch.float32 else (lq + lk) * h * e * 4)
         if block > self.budget_bytes:
-            return None
+            return False
         lat = self._lattice(name, lq - self.prefix_tokens)
         layer = self._lattice_name(name, lat)
         device = q.device
@@ -704,13 +702,19 @@ class AttnTap:
             acc = self._acc[layer] = _LayerAcc(torch.zeros((1, *lat), dtype=torch.float32, device=device), 0.0, 0,
                                               on_lattice=True)
         elif tuple(acc.total.shape) != (1, *lat) or not acc.on_lattice:
-            return None  # the general path names the mismatch
+            return False  # the general path names the mismatch
         flat = acc.total.view(1, lat[0] * lat[1])  # (1, T'*F')
         vec = self._pool_vector(lk, 1, h, 1, device, name).view(1, h * lk)  # W_j / H, tiled over heads
-        plan = (q.shape, k.shape, q.dtype, acc, self.latent_shape, (self.prefix_tokens, self.lattices, self.budget_bytes),
-                flat, vec, lat, layer)
-        self._wcache[("plan", name)] = plan
-        return plan
+        plan = (q.shape, k.shape, q.dtype, acc, flat, vec, lat, item)
+        if rec.name == name:
+            self._plans[name] = plan
+        self._fold_item(rec, x, plan)
+        return True
+
+    def _fold_item(self, rec: CallRecord, x: AttnInputs, plan: tuple) -> None:
+        _, _, _, acc, flat, vec, lat, item = plan
+        rec.lattice = lat
+        fold_pooled_item(x.q[item], x.k[item], x.scale, vec, flat, self._count(acc, rec.step), self.prefix_tokens)
 
     def _recompute(self, rec: CallRecord, name: str, kind: str, x: AttnInputs) -> None:
         """Recompute a selected call's probabilities and fold them into the layer's map.
@@ -727,7 +731,7 @@ class AttnTap:
             return  # a record is all that was asked for: nothing to recompute
         rows = self._batch_rows(rec.batch, name)
         if (kind == "cross" and mapped and not keep_probs and self.aggregate == "mean" and self.pool in _WEIGHTED
-                and x.bias is None and x.causal is None and not x.softcap and x.window == (-1, -1)
+                and x.bias is None and x.causal is None and not x.softcap and x.window == _NO_WINDOW
                 and not ("calls" in self.keep or "steps" in self.keep)):
             item = (0 if rec.batch == 1 else None) if rows is None else rows.start if rows.stop - rows.start == 1 else None
             if item is not None and self._capture_item(rec, name, x, item):

@@ -27,7 +27,8 @@ JSON schema (``SCHEMA``)::
      "info": {"torch", "aiba", "device", "device_name", "clock", "loadavg", "dtype", "batch", "reps",
               "warmup", "steps", "threads", "platform", "notes": [str]},
      "per_call": {"module", "device", "dtype", "threads", "calls", "reps", "shape", "clock",
-                  "us": {MODE: SPREAD}, "overhead_us": {LINE: SPREAD + {"mode", "baseline"}}},
+                  "us": {MODE: SPREAD}, "overhead_us": {LINE: SPREAD + {"mode", "baseline"}},
+                  "in_call_us": {MODE: SPREAD}, "in_call_overhead_us": {LINE: SPREAD + {"mode", "baseline"}}},
      "models": {NAME: {"backend", "size": "full" | "default", "params", "config": {...},
                        "latent_shape": [T, F] | [T], "prefix_tokens", "context_tokens": [int],
                        "calls_per_forward": {"cross": int, "self": int},
@@ -78,6 +79,7 @@ from torch import nn
 
 from ..errors import AibaError
 from ..capture.patch import swap_attr, swap_everywhere
+from ..capture.probs import fold_pooled_item
 
 __all__ = [
     "MODES",
@@ -642,15 +644,25 @@ def bench_model(model: BenchModel, cfg: BenchConfig, log: Callable[[str], None] 
 
 
 # ------------------------------------------------------------- per-call overhead
-PER_CALL_MODES = ("plain-cross", "plain-self", "not-selected", "selected-cross", "hand-recompute")
+PER_CALL_MODES = ("plain-cross", "plain-self", "not-selected", "not-selected-counted", "selected-cross", "kernels-only",
+                  "hand-recompute")
 # what each overhead line subtracts: (mode, its plain baseline)
-PER_CALL_LINES = {"not selected": ("not-selected", "plain-self"), "selected cross pooled": ("selected-cross", "plain-cross"),
+PER_CALL_LINES = {"not selected": ("not-selected", "plain-self"),
+                  "not selected, records=selected": ("not-selected-counted", "plain-self"),
+                  "selected cross pooled": ("selected-cross", "plain-cross"),
+                  "its kernels alone": ("kernels-only", "plain-cross"),
                   "hand-written recompute": ("hand-recompute", "plain-cross")}
 PER_CALL_SHAPE = dict(batch=2, heads=4, head_dim=16, lattice=(8, 8), context=10, context_dim=32, content=6)
 
 
 class _Processor:
-    """A minimal attention processor (module -> processor -> SDPA), shared by every mode."""
+    """A minimal attention processor (module -> processor -> SDPA), shared by every mode. It
+    times each attention call at its call site (the SDPA call and what ``after`` adds), in
+    nanoseconds: the median of those single calls is what a mode costs per call, robust to
+    the preemptions that swamp block timings on a shared machine."""
+
+    def __init__(self) -> None:
+        self.ns: list[int] = []
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_):
         b, n, _ = hidden_states.shape
@@ -659,8 +671,10 @@ class _Processor:
         q = attn.to_q(hidden_states).view(b, n, h, -1).transpose(1, 2)  # (B, H, N, d)
         k = attn.to_k(ctx).view(b, ctx.shape[1], h, -1).transpose(1, 2)  # (B, H, S, d)
         v = attn.to_v(ctx).view(b, ctx.shape[1], h, -1).transpose(1, 2)
+        t0 = time.perf_counter_ns()
         o = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
         o = self.after(q, k, encoder_hidden_states is not None, o)
+        self.ns.append(time.perf_counter_ns() - t0)
         return attn.to_out[0](o.transpose(1, 2).reshape(b, n, -1))
 
     def after(self, q, k, cross, o):
@@ -672,6 +686,7 @@ class _RecomputeProcessor(_Processor):
     mean over the content tokens, conditional half), summed on the device."""
 
     def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__()
         self.w = weights  # (Lk,) content-token weights
         self.total = None
 
@@ -680,6 +695,22 @@ class _RecomputeProcessor(_Processor):
             p = torch.softmax(q[1:] @ k[1:].transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)  # cond half (1, H, N, S)
             pooled = p.mean(dim=1) @ self.w  # (1, N)
             self.total = pooled if self.total is None else self.total.add_(pooled)
+        return o
+
+
+class _KernelsProcessor(_Processor):
+    """The floor of a selected cross call: the kernels aiba's capture launches for it
+    (:func:`aiba.capture.probs.fold_pooled_item` on the conditional item, weights and sum
+    prepared once), with none of the capture's Python around them."""
+
+    def __init__(self, weights: torch.Tensor, heads: int, cells: int) -> None:
+        super().__init__()
+        self.vec = (weights.float() / heads).repeat(heads)[None]  # (1, H*Lk): W_j / H, tiled over heads
+        self.acc = torch.zeros(1, cells, device=weights.device)  # (1, T'*F')
+
+    def after(self, q, k, cross, o):
+        if cross:
+            fold_pooled_item(q[1], k[1], None, self.vec, self.acc)
         return o
 
 
@@ -703,7 +734,10 @@ class _AttnModule(nn.Module):
         return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states)
 
 
-def _per_call_modules(device, dtype, shape: dict):
+def per_call_modules(device, dtype, shape: dict) -> tuple[nn.ModuleDict, str]:
+    """The per-call harness's modules: ``attn1`` (self) and ``attn2`` (cross), diffusers
+    ``Attention`` (or a module of the same contract without diffusers) with the minimal
+    timing processor, and what they are."""
     dim = shape["heads"] * shape["head_dim"]
     try:
         from diffusers.models.attention_processor import Attention
@@ -733,22 +767,59 @@ def _us_per_call(fn: Callable[[], object], calls: int, dev: torch.device) -> flo
 
 def per_call(device: str = "cpu", dtype: torch.dtype = torch.float32, calls: int = 200, reps: int = 15,
              shape: dict | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Host microseconds per attention call (module -> processor -> SDPA), thread CPU time.
+    """Host microseconds per attention call (module -> processor -> SDPA), measured two ways.
 
     Modes, interleaved in an order that rotates every repetition, each a block of ``calls``
     calls after 10 untimed ones: ``plain-cross``/``plain-self`` (no capture),
-    ``not-selected`` (a self call under ``AttnTap(kinds=("cross",))``), ``selected-cross``
-    (``AttnTap(pool="mean", latent_shape=lattice, content=..., cfg)``, the call mapped and
-    folded), ``hand-recompute`` (a processor recomputing the same pooled probabilities).
+    ``not-selected`` (a self call under ``AttnTap(kinds=("cross",))``, recorded),
+    ``not-selected-counted`` (the same with ``records="selected"``: only counted),
+    ``selected-cross`` (``AttnTap(pool="mean", latent_shape=lattice, content=..., cfg)``, the
+    call mapped and folded), ``kernels-only`` (the kernels a selected call launches, called
+    directly: the floor of ``selected-cross``), ``hand-recompute`` (a processor recomputing
+    the same pooled probabilities).
+
+    - ``in_call_us``: per repetition, the median over the block's calls of one call's
+      wall time at its call site (SDPA and what follows it in the processor); host time on
+      an accelerator. Preemptions hit single calls, not the median, so this resolves a few
+      microseconds on a shared machine.
+    - ``us``: the block's thread CPU time per call (everything the call costs, noisier).
+
     Overheads are paired per repetition (mode minus its plain baseline in the same
     repetition): median, quartiles, min/max; every raw time is kept.
     """
+    shape = dict(PER_CALL_SHAPE, **(shape or {}))
+    dev = torch.device(device)
+    model, module_kind = per_call_modules(dev, dtype, shape)
+    raw: dict[str, list[float]] = {m: [] for m in PER_CALL_MODES}
+    in_call: dict[str, list[float]] = {m: [] for m in PER_CALL_MODES}
+    runs = _per_call_runs(model, dev, dtype, shape)
+    with torch.no_grad():
+        for rep in range(reps):
+            order = PER_CALL_MODES[rep % len(PER_CALL_MODES):] + PER_CALL_MODES[: rep % len(PER_CALL_MODES)]
+            for mode in order:
+                block, site = runs(mode, calls)
+                raw[mode].append(block)
+                in_call[mode].append(site)
+            log(f"  per-call rep {rep + 1}/{reps}: " + " ".join(f"{m}={in_call[m][-1]:.1f}us" for m in PER_CALL_MODES))
+    out = {"module": module_kind, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
+           "threads": torch.get_num_threads(),
+           "calls": calls, "reps": reps, "shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()},
+           "clock": "thread CPU time (time.thread_time_ns) per block; perf_counter_ns per call at the call site",
+           "us": {m: dict(_spread(ts), all=ts) for m, ts in raw.items()}, "overhead_us": {},
+           "in_call_us": {m: dict(_spread(ts), all=ts) for m, ts in in_call.items()}, "in_call_overhead_us": {}}
+    for line, (m, base) in PER_CALL_LINES.items():
+        for times, key in ((raw, "overhead_us"), (in_call, "in_call_overhead_us")):
+            diffs = [a - c for a, c in zip(times[m], times[base])]
+            out[key][line] = dict(_spread(diffs), all=diffs, mode=m, baseline=base)
+    return out
+
+
+def _per_call_runs(model: nn.Module, dev: torch.device, dtype: torch.dtype, shape: dict) -> Callable:
+    """``run(mode, calls)`` -> (thread-CPU us per call of the block, median us of one call at
+    its call site); checks that each capture mode captured what it claims."""
     from ..capture.patch import combined_patch
     from ..capture.tap import AttnTap
 
-    shape = dict(PER_CALL_SHAPE, **(shape or {}))
-    dev = torch.device(device)
-    model, module_kind = _per_call_modules(dev, dtype, shape)
     b, (t, f) = shape["batch"], shape["lattice"]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, t * f, shape["heads"] * shape["head_dim"], generator=gen).to(dev, dtype)  # (B, T'*F', dim)
@@ -758,38 +829,28 @@ def per_call(device: str = "cpu", dtype: torch.dtype = torch.float32, calls: int
     w[content] = 1.0 / len(content)
     cross, selfm = model["attn2"], model["attn1"]
     common = dict(kinds=("cross",), latent_shape=(t, f), content=content, cfg_order="uncond_first")
-    taps = {"not-selected": AttnTap(**common), "selected-cross": AttnTap(pool="mean", **common)}
-    hand = _RecomputeProcessor(w)
-    calls_of = {"plain-cross": lambda: cross(x, encoder_hidden_states=ctx), "plain-self": lambda: selfm(x),
-                "not-selected": lambda: selfm(x), "selected-cross": lambda: cross(x, encoder_hidden_states=ctx),
-                "hand-recompute": lambda: cross(x, encoder_hidden_states=ctx)}
-    raw: dict[str, list[float]] = {m: [] for m in PER_CALL_MODES}
-    with torch.no_grad():
-        for rep in range(reps):
-            order = PER_CALL_MODES[rep % len(PER_CALL_MODES):] + PER_CALL_MODES[: rep % len(PER_CALL_MODES)]
-            for mode in order:
-                if mode == "hand-recompute":
-                    cross.set_processor(hand)
-                with combined_patch(taps[mode], model=model) if mode in taps else contextlib.nullcontext():
-                    raw[mode].append(_us_per_call(calls_of[mode], calls, dev))
-                cross.set_processor(_Processor())
-                if mode in taps:  # the block measured what it claims: every call captured, or none
-                    captured = sum(r.captured for r in taps[mode].store)
-                    if captured != (calls + 10 if mode == "selected-cross" else 0) or len(taps[mode].store) != calls + 10:
-                        raise AibaError(f"per-call mode {mode!r}: {captured} of {len(taps[mode].store)} calls captured")
-                for tap in taps.values():
-                    tap.store.clear()
-                    tap.next_step()
-            log(f"  per-call rep {rep + 1}/{reps}: " + " ".join(f"{m}={raw[m][-1]:.1f}us" for m in PER_CALL_MODES))
-    out = {"module": module_kind, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
-           "threads": torch.get_num_threads(),
-           "calls": calls, "reps": reps, "shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()},
-           "clock": "thread CPU time (time.thread_time_ns)",
-           "us": {m: dict(_spread(ts), all=ts) for m, ts in raw.items()}, "overhead_us": {}}
-    for line, (m, base) in PER_CALL_LINES.items():
-        diffs = [a - c for a, c in zip(raw[m], raw[base])]
-        out["overhead_us"][line] = dict(_spread(diffs), all=diffs, mode=m, baseline=base)
-    return out
+    taps = {"not-selected": AttnTap(**common), "not-selected-counted": AttnTap(records="selected", **common),
+            "selected-cross": AttnTap(pool="mean", **common)}
+    on_cross = ("plain-cross", "selected-cross", "kernels-only", "hand-recompute")
+
+    def run(mode: str, calls: int) -> tuple[float, float]:
+        module = cross if mode in on_cross else selfm
+        proc = (_RecomputeProcessor(w) if mode == "hand-recompute" else
+                _KernelsProcessor(w, shape["heads"], t * f) if mode == "kernels-only" else _Processor())
+        module.set_processor(proc)
+        fn = (lambda: cross(x, encoder_hidden_states=ctx)) if module is cross else (lambda: selfm(x))
+        tap = taps.get(mode)
+        with combined_patch(tap, model=model) if tap is not None else contextlib.nullcontext():
+            block = _us_per_call(fn, calls, dev)
+        if tap is not None:  # the block measured what it claims: every call captured, or none
+            captured, kept, seen = sum(r.captured for r in tap.store), len(tap.store), sum(tap.counts.values())
+            want = (calls + 10 if mode == "selected-cross" else 0, 0 if tap.records == "selected" else calls + 10)
+            if (captured, kept, seen) != (*want, calls + 10):
+                raise AibaError(f"per-call mode {mode!r}: {captured} captured, {kept} kept of {seen} calls")
+            tap.reset()
+        return block, statistics.median(proc.ns[10:]) / 1e3
+
+    return run
 
 
 def _spread(ts: list[float]) -> dict:
@@ -798,10 +859,11 @@ def _spread(ts: list[float]) -> dict:
 
 
 def format_per_call(pc: dict) -> str:
-    """One line: per-call host overhead of each case over plain SDPA, median [q1, q3]."""
-    parts = [f"{line} {v['median']:+.1f} us [{v['q1']:+.1f}, {v['q3']:+.1f}]" for line, v in pc["overhead_us"].items()]
-    return (f"per call over plain SDPA ({pc['device']}, {pc['threads']} thread(s), thread time, median [IQR] of "
-            f"{pc['reps']}; plain cross {pc['us']['plain-cross']['median']:.1f} us): " + ", ".join(parts))
+    """One line: per-call host overhead of each case over plain SDPA at the call site,
+    median [q1, q3] over the repetitions."""
+    parts = [f"{line} {v['median']:+.1f} us [{v['q1']:+.1f}, {v['q3']:+.1f}]" for line, v in pc["in_call_overhead_us"].items()]
+    return (f"per call over plain SDPA ({pc['device']}, {pc['threads']} thread(s), median call at the call site, [IQR] "
+            f"of {pc['reps']}; plain cross {pc['in_call_us']['plain-cross']['median']:.1f} us): " + ", ".join(parts))
 
 
 def _info(cfg: BenchConfig) -> dict:
