@@ -5,6 +5,9 @@ tensors and concrete sizes, named by module path."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -94,3 +97,25 @@ def test_traced_calls_are_counted_and_warned_once():
             out = compiled(x, text)
     torch.testing.assert_close(out, expected)
     assert all(type(r.probs) is torch.Tensor for r in tap.store)
+
+
+def test_compile_after_a_first_block_in_a_fresh_process():
+    """A program whose first ``combined_patch`` block also first imports Dynamo can still
+    ``torch.compile`` SDPA afterwards (Dynamo must never record a shim in place of SDPA)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, torch, torch.nn.functional as F
+        from aiba import AttnTap, combined_patch
+        assert "torch._dynamo" not in sys.modules
+        q = torch.randn(1, 2, 4, 8)
+        with combined_patch(AttnTap()):
+            F.scaled_dot_product_attention(q, q, q)
+        f = torch.compile(lambda t: F.scaled_dot_product_attention(t, t, t), backend="eager", fullgraph=True)
+        assert torch.equal(f(q), F.scaled_dot_product_attention(q, q, q))
+        print("compiled")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "compiled", r.stderr[-2000:]

@@ -768,11 +768,14 @@ def _patched() -> Iterator[None]:
     with _LOCK:
         if _PATCHED["depth"] == 0:
             stack = ExitStack()
-            targets = _targets()
             try:
+                # Dynamo first (it may be imported here for the first time): on import it
+                # records torch's functions, and recording a shim instead of SDPA would leave
+                # torch.compile unable to trace SDPA after the block
+                stack.enter_context(_eager_compiled())
+                targets = _targets()
                 for t in targets:
                     stack.enter_context(_swap(t))
-                stack.enter_context(_eager_compiled())
             except BaseException:
                 stack.close()  # undo what was applied, in reverse order
                 raise
