@@ -562,7 +562,10 @@ class AttnTap:
             name = self._auto_name(kernel)
         counts = self.counts
         counts[name] = counts.get(name, 0) + 1
-        selected = not outside and self._selected(name, kind)
+        if self.steps is None and self.layers is None:  # the common tap: the kind decides
+            selected = not outside and (kind in self.kinds or (kind == "joint" and bool(self.kinds)))
+        else:
+            selected = not outside and self._selected(name, kind)
         if not selected and self.records == "selected":
             return None
         b, h, lq, lk = shape() if callable(shape) else shape
