@@ -245,3 +245,23 @@ def test_helper_method_attributed_to_running_child_and_lattices_split():
         p.a(q[:, :, :2], k1)  # 2 queries: lattice (2, 1)
     assert not tap2.errors
     assert sorted(tap2.maps().layers) == ["a", "a@2x1"]
+
+
+def test_kind_follows_the_arguments_a_forward_pre_hook_gave():
+    """A forward pre-hook that drops the context makes the call a self call: the kind is read
+    from what the forward received, not from what the caller passed."""
+
+    class Attn(nn.Module):
+        def forward(self, x, encoder_hidden_states=None):
+            ctx = x if encoder_hidden_states is None else encoder_hidden_states
+            return F.scaled_dot_product_attention(x, ctx, ctx)
+
+    net = nn.ModuleDict({"hooked": Attn(), "plain": Attn()})
+    net["hooked"].register_forward_pre_hook(lambda m, args, kwargs: (args, {}), with_kwargs=True)
+    x, ctx = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 10, 8)
+    tap = AttnTap(kinds=("cross", "self"))
+    with combined_patch(tap, model=net):
+        net["hooked"](x, encoder_hidden_states=ctx)
+        net["plain"](x, encoder_hidden_states=ctx)
+    assert [(r.name, r.kind, r.kind_source, r.k_len) for r in tap.store] == [("hooked", "self", "args", 16),
+                                                                           ("plain", "cross", "args", 10)]

@@ -92,6 +92,7 @@ _CONTEXT_FIRST = ("Flux", "AuraFlow", "Bria", "LongCat", "Ovis", "EasyAnimate", 
 _MAX_FRAMES = 64  # frames walked up from a kernel call to the nearest module call
 _CALL_IMPL = nn.Module._call_impl.__code__
 _WRAPPED_CALL_IMPL = nn.Module._wrapped_call_impl.__code__  # module(...) -> _wrapped_call_impl -> _call_impl
+_MODULE_GLOBALS = sys.modules[nn.Module.__module__]  # torch.nn.modules.module: its global hook tables
 _is_compiling = torch.compiler.is_compiling
 _graph_task = torch._C._current_graph_task_id
 
@@ -118,10 +119,16 @@ def _issuer(frame):
         if frame is None:
             break
         if frame.f_code is _CALL_IMPL:
-            # the same self/args/kwargs are the only locals of the module call's outer frame,
-            # whose f_locals is several times cheaper to build (no hook closures)
+            # the module call's outer frame holds the same self/args/kwargs as its only locals
+            # (several times cheaper to read: no hook closures), unless a forward pre-hook
+            # may have replaced the arguments the forward was given
             up = frame.f_back
-            loc = (up if up is not None and up.f_code is _WRAPPED_CALL_IMPL else frame).f_locals
+            if up is not None and up.f_code is _WRAPPED_CALL_IMPL:
+                loc = up.f_locals
+                module = loc.get("self")
+                if not (getattr(module, "_forward_pre_hooks", None) or _MODULE_GLOBALS._global_forward_pre_hooks):
+                    return module, loc.get("args", ()), loc.get("kwargs") or {}, frame
+            loc = frame.f_locals
             return loc.get("self"), loc.get("args", ()), loc.get("kwargs") or {}, frame
         frame = frame.f_back
     return None, (), {}, None
