@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 # --------------------------------------------------------------------------- capture
 def allowed_keys(lq: int, lk: int, causal=None, window=(-1, -1)) -> torch.Tensor:
@@ -58,6 +60,37 @@ def reference_probs(q, k, mask=None, causal=None, scale=None, window=(-1, -1), s
     p = torch.softmax(scores, dim=-1)
     p = torch.where(torch.isnan(p), torch.zeros_like(p), p)
     return p.mean(dim=1)
+
+
+class SdpaAttention(nn.Module):
+    """An attention block written against F.scaled_dot_product_attention: self-attention, or
+    cross-attention over ``context`` when one is given."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.h = heads
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x, context=None):
+        ctx = x if context is None else context
+        b = x.shape[0]
+        split = lambda t: t.view(b, -1, self.h, t.shape[-1] // self.h).transpose(1, 2)  # (B, H, L, hd)
+        o = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(ctx)), split(self.v(ctx)))
+        return o.transpose(1, 2).reshape(b, -1, x.shape[-1])
+
+
+@pytest.fixture
+def fused_encoder_calls(monkeypatch):
+    """A one-item list counting the calls of torch's fused TransformerEncoderLayer path."""
+    fused = torch._transformer_encoder_layer_fwd
+    count = [0]
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", counting)
+    return count
 
 
 @pytest.fixture

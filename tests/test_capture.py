@@ -13,6 +13,7 @@ from torch import nn
 from aiba import AibaError, AttnTap, combined_patch
 from aiba.capture.patch import flash_attn_inputs
 from aiba.capture.probs import AttnInputs, head_mean_probs
+from conftest import SdpaAttention
 
 # held in a container: combined_patch rebinds every module global bound to the original
 _KERNEL = {"sdpa": F.scaled_dot_product_attention}
@@ -296,26 +297,10 @@ def test_flash_alibi_and_softcap_inputs(ref_probs):
 
 
 # ------------------------------------------------------------ tagging & names
-class _CrossBlock(nn.Module):
-    """Self- then cross-attention written against F.scaled_dot_product_attention."""
-
-    def __init__(self, d=16, heads=2):
-        super().__init__()
-        self.h = heads
-        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-
-    def forward(self, x, context=None):
-        ctx = x if context is None else context
-        b = x.shape[0]
-        split = lambda t: t.view(b, -1, self.h, t.shape[-1] // self.h).transpose(1, 2)  # (B, H, L, hd)
-        o = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(ctx)), split(self.v(ctx)))
-        return o.transpose(1, 2).reshape(b, -1, x.shape[-1])
-
-
 class _Plain(nn.Module):
     def __init__(self):
         super().__init__()
-        self.attn1, self.attn2 = _CrossBlock(), _CrossBlock()
+        self.attn1, self.attn2 = SdpaAttention(), SdpaAttention()
 
     def forward(self, x, text):
         return self.attn2(self.attn1(x), context=text)

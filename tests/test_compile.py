@@ -17,26 +17,13 @@ from torch import nn
 
 from aiba import AttnTap, combined_patch
 from aiba.errors import AibaWarning
-
-
-class _Attn(nn.Module):
-    def __init__(self, d=16, h=2):
-        super().__init__()
-        self.h = h
-        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-
-    def forward(self, x, context=None):
-        ctx = x if context is None else context
-        b = x.shape[0]
-        split = lambda t: t.view(b, -1, self.h, t.shape[-1] // self.h).transpose(1, 2)  # (B, H, L, hd)
-        o = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(ctx)), split(self.v(ctx)))
-        return o.transpose(1, 2).reshape(b, -1, x.shape[-1])
+from conftest import SdpaAttention
 
 
 class _Model(nn.Module):
     def __init__(self):
         super().__init__()
-        self.attn1, self.attn2 = _Attn(), _Attn()
+        self.attn1, self.attn2 = SdpaAttention(), SdpaAttention()
         self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
 
     def forward(self, x, text):

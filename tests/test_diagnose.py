@@ -145,20 +145,13 @@ def _encoder_model():
     return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
 
 
-def test_diagnose_keeps_the_encoder_fast_path(monkeypatch):
+def test_diagnose_keeps_the_encoder_fast_path(fused_encoder_calls):
     """diagnose watches nn.TransformerEncoderLayer without switching off its fused fast path
     (per-module hooks would), and reports the layers' attention runs that reached no shim."""
     from aiba import AttnTap, combined_patch
     from aiba.backends.generic import GenericBackend
 
-    fused = torch._transformer_encoder_layer_fwd
-    count = [0]
-
-    def counting(*args, **kwargs):
-        count[0] += 1
-        return fused(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", counting)
+    count = fused_encoder_calls
     model, x = _encoder_model(), torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         plain = model(x)

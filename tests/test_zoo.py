@@ -1002,19 +1002,12 @@ def write_readme_table(table: str, readme) -> None:
 
 
 @pytest.mark.parametrize("name, fused_calls", [("encoder_eval_fastpath", 2), ("transformer_eval", 1)])
-def test_fast_path_rows_keep_the_fused_path(name, fused_calls, monkeypatch):
+def test_fast_path_rows_keep_the_fused_path(name, fused_calls, fused_encoder_calls):
     """The eval rows are only worth their name if the fused encoder layer really runs, with
     the block as without it."""
     from aiba import AttnTap, combined_patch
 
-    fused = torch._transformer_encoder_layer_fwd
-    count = [0]
-
-    def counting(*args, **kwargs):
-        count[0] += 1
-        return fused(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", counting)
+    count = fused_encoder_calls
     case = ZOO[name][1]()
     with torch.no_grad():
         case.run()
