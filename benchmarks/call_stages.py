@@ -2,7 +2,7 @@
 
 The per-call harness of ``per_call.py`` (a diffusers ``Attention`` -> processor -> SDPA at a
 tiny shape) runs 3,000 calls per case; each stage of aiba's call path is wrapped with
-``perf_counter_ns`` (only inside this script) and the median of the last 2,700 calls is
+``profile_capture.StageTimer`` (only inside this script) and the median of the last 2,700 calls is
 printed. Nested stages include their children and each wrapper's own ~0.1-0.5 us.
 
     python benchmarks/call_stages.py
@@ -10,33 +10,25 @@ printed. Nested stages include their children and each wrapper's own ~0.1-0.5 us
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
 from aiba import AttnTap, combined_patch  # noqa: E402
 from aiba.capture import patch, tap as tapmod  # noqa: E402
-from aiba.capture.patch import swap_attr  # noqa: E402
 from aiba.tools import bench  # noqa: E402
+from profile_capture import StageTimer  # noqa: E402  the same stage wrapper, per call here
 
 STAGES = [(patch, "_dispatch", "everything after the kernel returned"), (patch, "_issuer", "finding the issuing module"),
           (patch, "module_kind", "the kind from the module's arguments"), (tapmod.AttnTap, "record_call", "the record"),
           (tapmod.AttnTap, "capture_call", "recompute, pool, fold"), (tapmod, "fold_pooled_item", "its three kernels")]
-
-
-def _timed(fn, times: list):
-    def wrapped(*a, **k):
-        t0 = time.perf_counter_ns()
-        out = fn(*a, **k)
-        times.append(time.perf_counter_ns() - t0)
-        return out
-    return wrapped
 
 
 def main(calls: int = 3000) -> dict:
@@ -50,18 +42,14 @@ def main(calls: int = 3000) -> dict:
                                              lambda: model["attn2"](x, encoder_hidden_states=ctx))}
     out = {}
     for case, (tap, fn) in cases.items():
-        times = {label: [] for _, _, label in STAGES}
-        with torch.no_grad(), combined_patch(tap, model=model):
-            stack = [swap_attr(owner, attr, _timed(getattr(owner, attr), times[label])) for owner, attr, label in STAGES]
-            for s in stack:
-                s.__enter__()
-            try:
-                for _ in range(calls):
-                    fn()
-            finally:
-                for s in reversed(stack):
-                    s.__exit__(None, None, None)
-        out[case] = {label: statistics.median(ts[calls // 10:]) / 1e3 for label, ts in times.items() if len(ts) > calls // 10}
+        timer = StageTimer()
+        with torch.no_grad(), combined_patch(tap, model=model), contextlib.ExitStack() as stack:
+            for owner, attr, label in STAGES:
+                stack.enter_context(timer.wrap(owner, attr, label))
+            for _ in range(calls):
+                fn()
+        out[case] = {label: statistics.median(ms for _, ms in timer.ms[label][calls // 10:]) * 1e3
+                     for _, _, label in STAGES if len(timer.ms[label]) > calls // 10}
         print(case)
         for label, us in out[case].items():
             print(f"  {label:40s} {us:7.2f} us")

@@ -138,7 +138,7 @@ def _single_stream_span(frame, module, lq: int, lk: int) -> tuple[int, int] | No
     """Flux-style single-stream blocks concatenate context and latent tokens *before*
     calling their attention module (``pre_only=True``, no context argument): the joint span
     is read from the parent block's own ``hidden_states`` / ``encoder_hidden_states``."""
-    if frame is None or lq != lk or _attr(module, "pre_only") is not True:
+    if frame is None or lq != lk:
         return None
     parent, args, kwargs, _ = _issuer(frame.f_back)
     if parent is None:
@@ -236,7 +236,7 @@ def module_kind(module: nn.Module | None, args: tuple, kwargs: dict, shape, fram
     for name in sig.context:
         v = _arg(sig, args, kwargs, name)
         if v is None:
-            if _attr(module, "pre_only") is not True:
+            if _attr(module, "pre_only") is not True:  # Flux single-stream blocks set it
                 return "self", "args", None  # the common self call: decided without the call's sizes
             lq, lk = _lens(shape)
             span = _single_stream_span(frame, module, lq, lk)
@@ -385,22 +385,11 @@ def _packed_groups(module, query, key) -> int:
     return 1
 
 
-def _sdpa_size(query, key, module) -> tuple[int, int, int, int]:
-    qs = query.shape
-    n = len(qs)
-    if n == 4:
-        g = _packed_groups(module, query, key) if module is not None and "num_key_value_groups" in module.__dict__ else 1
-        return qs[0], qs[1] * g, qs[2] // g, key.shape[-2]
-    if n < 3:
-        raise AibaError(f"attention input of shape {tuple(qs)}: expected at least (B, L, E)")
-    return qs[0], 1 if n == 3 else int(torch.Size(qs[1:-2]).numel()), qs[-2], key.shape[-2]
-
-
 def _sdpa_inputs(query, key, value=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                  module=None) -> AttnInputs:
     if (attn_mask is None and query.dim() == 4 and key.dim() == 4 and key.shape[0] == query.shape[0]
             and key.shape[1] == query.shape[1] and (module is None or "num_key_value_groups" not in module.__dict__)):
-        return AttnInputs.accepted(query, key, scale, "top_left" if is_causal else None)  # the common call: as given
+        return AttnInputs(query, key, scale, None, "top_left" if is_causal else None)  # the common call: as given
     g = _packed_groups(module, query, key)
     if g > 1:
         b, hk, _, d = query.shape
@@ -439,12 +428,15 @@ def _make_shim(kernel: str, orig, to_inputs, to_size):
     return shim
 
 
-def _sdpa_size_args(module, query, key, *_, **__):
+def _sdpa_size_args(module, query, key, *_, **__) -> tuple[int, int, int, int]:
     qs = query.shape
-    if len(qs) == 4 and (module is None or "num_key_value_groups" not in module.__dict__):
-        return qs[0], qs[1], qs[2], key.shape[-2]  # the common call, without a second function call
-    return _sdpa_size(query, key, module)
-
+    n = len(qs)
+    if n == 4:
+        g = _packed_groups(module, query, key) if module is not None and "num_key_value_groups" in module.__dict__ else 1
+        return qs[0], qs[1] * g, qs[2] // g, key.shape[-2]
+    if n < 3:
+        raise AibaError(f"attention input of shape {tuple(qs)}: expected at least (B, L, E)")
+    return qs[0], 1 if n == 3 else int(torch.Size(qs[1:-2]).numel()), qs[-2], key.shape[-2]
 
 
 _ORIG_SDPA = F.scaled_dot_product_attention

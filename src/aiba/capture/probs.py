@@ -59,14 +59,6 @@ class AttnInputs:
                 f"head size, and query heads ({h}) a multiple of key heads ({hk})"
             )
 
-    @classmethod
-    def accepted(cls, q: torch.Tensor, k: torch.Tensor, scale: float | None, causal: str | None) -> "AttnInputs":
-        """4-D q and k that a kernel has just accepted as (B, H, L, E) with equal heads (so
-        they pair), without a mask: built without checking them again (the per-call path)."""
-        x = object.__new__(cls)
-        x.q, x.k, x.scale, x.bias, x.causal, x.window, x.softcap = q, k, scale, None, causal, (-1, -1), 0.0
-        return x
-
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """(B, H, Lq, Lk)."""

@@ -41,7 +41,6 @@ __all__ = ["AttnTap", "CallRecord", "TapMaps", "KINDS", "KERNELS"]
 KINDS = ("cross", "self")
 KERNELS = ("sdpa", "mha", "xformers", "flash_attn")
 KEEP = ("calls", "probs", "steps")
-_NO_WINDOW = (-1, -1)
 _WEIGHTED = ("mean", "subset", "softmax")  # pools that weight the keys (one matmul with the head mean)
 RECORDS = ("all", "selected")
 # what rec.kind_source can say, in the order the rules are tried (see AttnTap)
@@ -257,6 +256,21 @@ _SETTINGS: dict[str, Callable] = {
 }
 
 
+@dataclass(slots=True)
+class _Plan:
+    """A layer's common cross call, planned once (see ``AttnTap._capture_item``): valid for
+    calls of these shapes and dtype while the tap's settings stay the same."""
+
+    q_shape: torch.Size
+    k_shape: torch.Size
+    dtype: torch.dtype
+    acc: _LayerAcc  # the layer's running sum
+    flat: torch.Tensor  # (1, T'*F') view of it
+    vec: torch.Tensor  # (1, H*Lk) pooling weights / H, tiled over heads
+    lattice: tuple[int, int]
+    item: int  # the batch item kept (the conditional half of a CFG pair)
+
+
 @dataclass
 class _Pass:
     """One call's recompute plan: the layer its sums go to and the buffers its chunks fill."""
@@ -442,7 +456,7 @@ class AttnTap:
         self.errors: list[tuple[str, str]] = []  # (layer, message) of calls that failed to record
         self._lattice_of: dict[str, tuple] = {}  # layer name -> first lattice it mapped on
         self._selcache: dict[str, bool] = {}  # layer name -> matches ``layers``
-        self._plans: dict[str, tuple] = {}  # layer name -> its fast cross-call plan (see _capture_item)
+        self._plans: dict[str, _Plan] = {}  # layer name -> its common cross call's plan (see _capture_item)
 
     def next_step(self) -> int:
         """Advance the denoising-step counter (backends call this once per step)."""
@@ -562,10 +576,7 @@ class AttnTap:
             name = self._auto_name(kernel)
         counts = self.counts
         counts[name] = counts.get(name, 0) + 1
-        if self.steps is None and self.layers is None:  # the common tap: the kind decides
-            selected = not outside and (kind in self.kinds or (kind == "joint" and bool(self.kinds)))
-        else:
-            selected = not outside and self._selected(name, kind)
+        selected = not outside and self._selected(name, kind)
         if not selected and self.records == "selected":
             return None
         b, h, lq, lk = shape() if callable(shape) else shape
@@ -589,8 +600,8 @@ class AttnTap:
         over the latent keys) as a self call under ``name + ":self"``."""
         if rec.kind != "joint":
             plan = self._plans.get(rec.name)
-            if (plan is not None and rec.kind == "cross" and plan[0] == x.q.shape and plan[1] == x.k.shape and plan[2] is x.q.dtype
-                    and x.bias is None and x.causal is None and not x.softcap and x.window == _NO_WINDOW):
+            if (plan is not None and rec.kind == "cross" and plan.q_shape == x.q.shape and plan.k_shape == x.k.shape
+                    and plan.dtype is x.q.dtype and not x.maskable and not x.softcap):
                 self._fold_item(rec, x, plan)  # the common cross call, its layer's plan in hand
                 return
             self.on_call(kernel, rec.name, rec.kind, rec.kind_source, x, rec.outside, rec=rec)
@@ -708,16 +719,16 @@ class AttnTap:
             return False  # the general path names the mismatch
         flat = acc.total.view(1, lat[0] * lat[1])  # (1, T'*F')
         vec = self._pool_vector(lk, 1, h, 1, device, name).view(1, h * lk)  # W_j / H, tiled over heads
-        plan = (q.shape, k.shape, q.dtype, acc, flat, vec, lat, item)
+        plan = _Plan(q.shape, k.shape, q.dtype, acc, flat, vec, lat, item)
         if rec.name == name:
             self._plans[name] = plan
         self._fold_item(rec, x, plan)
         return True
 
-    def _fold_item(self, rec: CallRecord, x: AttnInputs, plan: tuple) -> None:
-        _, _, _, acc, flat, vec, lat, item = plan
-        rec.lattice = lat
-        fold_pooled_item(x.q[item], x.k[item], x.scale, vec, flat, self._count(acc, rec.step), self.prefix_tokens)
+    def _fold_item(self, rec: CallRecord, x: AttnInputs, plan: "_Plan") -> None:
+        rec.lattice = plan.lattice
+        fold_pooled_item(x.q[plan.item], x.k[plan.item], x.scale, plan.vec, plan.flat, self._count(plan.acc, rec.step),
+                         self.prefix_tokens)
 
     def _recompute(self, rec: CallRecord, name: str, kind: str, x: AttnInputs) -> None:
         """Recompute a selected call's probabilities and fold them into the layer's map.
@@ -734,7 +745,7 @@ class AttnTap:
             return  # a record is all that was asked for: nothing to recompute
         rows = self._batch_rows(rec.batch, name)
         if (kind == "cross" and mapped and not keep_probs and self.aggregate == "mean" and self.pool in _WEIGHTED
-                and x.bias is None and x.causal is None and not x.softcap and x.window == _NO_WINDOW
+                and not x.maskable and not x.softcap
                 and not ("calls" in self.keep or "steps" in self.keep)):
             item = (0 if rec.batch == 1 else None) if rows is None else rows.start if rows.stop - rows.start == 1 else None
             if item is not None and self._capture_item(rec, name, x, item):
