@@ -39,7 +39,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from aiba.data.slakh import PAPER_CLASSES
 from aiba.errors import AibaError
+from aiba.runs.config import DEFAULT_TEMPLATES
 
 from .base import Backend
 
@@ -49,9 +51,9 @@ __all__ = [
     "weights_dir", "shipped_weights", "shipped_templates", "load_weights", "sha256_file",
 ]
 
-CLASSES = ("Bass", "Drums", "Guitars", "Piano", "Strings", "Organ")
+CLASSES = PAPER_CLASSES
 WORDS = {c: c.lower() for c in CLASSES}  # the prompt word of each class
-SINGLE_TEMPLATES = ("a solo {instrument} recording", "the sound of {instrument} playing alone")
+SINGLE_TEMPLATES = DEFAULT_TEMPLATES
 PAIR_TEMPLATES = ("{a} and {b} playing together",)
 
 # log-mel scaling: feature = (log10(power + EPS) - CENTER) / SCALE
@@ -142,17 +144,6 @@ class WordTokenizer:
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         return torch.tensor([[t != "<pad>" for t in self.tokens(p)] for p in prompts], dtype=torch.bool)
-
-    def word_mask(self, prompts, words):
-        """``(B, max_len)`` bool: the positions of ``words[b]`` in ``prompts[b]``."""
-        import torch
-
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        words = [words] * len(prompts) if isinstance(words, str) else list(words)
-        m = torch.zeros(len(prompts), self.max_len, dtype=torch.bool)
-        for b, (p, w) in enumerate(zip(prompts, words)):
-            m[b, self.index(p, w)] = True
-        return m
 
 
 def _torch_modules():

@@ -56,7 +56,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str | Path, *, recursive: bool = False) -> list[Path]:
+def remove_stale_temps(folder: str | Path) -> list[Path]:
     """Remove :func:`atomic_write` temporaries in ``folder`` whose writer process is gone.
 
     Temporaries of live processes (another writer, this one) are kept. Returns the removed
@@ -67,7 +67,7 @@ def remove_stale_temps(folder: str | Path, *, recursive: bool = False) -> list[P
     if not folder.is_dir():
         return []
     removed = []
-    for p in (folder.rglob(".*.tmp*") if recursive else folder.glob(".*.tmp*")):
+    for p in folder.glob(".*.tmp*"):
         m = _TMP_RE.match(p.name)
         if not m or not p.is_file():
             continue

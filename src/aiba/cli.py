@@ -18,7 +18,7 @@ import importlib
 import os
 import sys
 
-from .errors import EXIT_CODES, AibaError
+from .errors import EXIT_CODES, EXIT_MEANINGS, AibaError
 
 # sub-command modules, in the order `aiba --help` lists them
 COMMANDS = [
@@ -31,17 +31,7 @@ COMMANDS = [
     "aiba.tools.train_reference",
 ]
 
-_EXIT_MEANING = {
-    "ok": "success",
-    "bug": "an unexpected error (a bug: the traceback is printed; please report it)",
-    "usage": "bad command line",
-    "input": "invalid settings or input files",
-    "io": "reading or writing failed (disk full, permissions, read-only, a file where a folder belongs)",
-    "missing": "a model checkpoint or an optional dependency is not installed",
-    "locked": "the run directory is in use by another aiba process",
-    "interrupted": "interrupted (Ctrl-C); finished results are kept, rerun to resume",
-}
-_EPILOG = ("exit status:\n" + "\n".join(f"  {v:>3} {k:<12} {_EXIT_MEANING[k]}" for k, v in EXIT_CODES.items())
+_EPILOG = ("exit status:\n" + "\n".join(f"  {v:>3} {k:<12} {EXIT_MEANINGS[k]}" for k, v in EXIT_CODES.items())
            + "\n\nErrors are one line 'aiba: error: ...' on stderr; --debug (or AIBA_DEBUG=1) shows the traceback.")
 
 # what to do about an OSError, by errno

@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AibaError
+from ..settings import integer
 from ..capture.patch import swap_attr, swap_everywhere
 from ..capture.probs import fold_pooled_item
 
@@ -142,9 +143,10 @@ class BenchConfig:
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise AibaError(f"modes must be a non-empty subset of {MODES}, got {list(self.modes)}")
-        if self.reps < 1 or self.warmup < 0 or self.steps < 2 or self.batch < 1:
-            raise AibaError(f"need reps >= 1, warmup >= 0, steps >= 2, batch >= 1; got reps={self.reps} "
-                            f"warmup={self.warmup} steps={self.steps} batch={self.batch}")
+        for name, lo in (("reps", 1), ("warmup", 0), ("steps", 2), ("batch", 1), ("per_call_calls", 1)):
+            integer(name, getattr(self, name), lo=lo)
+        if self.threads is not None:
+            integer("threads", self.threads, lo=1)
         if self.dtype not in (None, "float16", "bfloat16", "float32"):
             raise AibaError(f"dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
 
@@ -608,9 +610,8 @@ def bench_model(model: BenchModel, cfg: BenchConfig, log: Callable[[str], None] 
             r = runners[m]
             copies, nbytes, calls = _counts(r, device)
             at2, end, records, n_layers = _state(r, cfg.steps)
-            ts = times[m]
-            q1, _, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (ts[0],) * 3
-            rows[m] = dict(ms=statistics.median(ts), ms_min=min(ts), ms_max=max(ts), ms_q1=q1, ms_q3=q3, ms_all=ts,
+            ts, sp = times[m], _spread(times[m])
+            rows[m] = dict(ms=sp["median"], ms_min=sp["min"], ms_max=sp["max"], ms_q1=sp["q1"], ms_q3=sp["q3"], ms_all=ts,
                            peak_mib=_peak_mib(r, device), captured_calls=calls, host_copies_total=copies,
                            host_bytes_total=nbytes, state_mib_2=at2 / MIB, state_mib=end / MIB,
                            state_grows=end > at2, enter_ms=enter_ms(r, device) if m != "none" else 0.0,
@@ -621,8 +622,8 @@ def bench_model(model: BenchModel, cfg: BenchConfig, log: Callable[[str], None] 
         row["ratio_min"] = row["ms_min"] / base["ms_min"]  # less sensitive to a busy machine
         # paired: each repetition's forward against "none" of the same repetition
         row["ratio_all"] = [a / c for a, c in zip(row["ms_all"], base["ms_all"])]
-        rq = statistics.quantiles(row["ratio_all"], n=4) if len(row["ratio_all"]) > 1 else [row["ratio_all"][0]] * 3
-        row["ratio_paired"], row["ratio_q1"], row["ratio_q3"] = statistics.median(row["ratio_all"]), rq[0], rq[2]
+        rq = _spread(row["ratio_all"])
+        row["ratio_paired"], row["ratio_q1"], row["ratio_q3"] = rq["median"], rq["q1"], rq["q3"]
         row["peak_extra_mib"] = None if row["peak_mib"] is None else row["peak_mib"] - base["peak_mib"]
         row["host_copies_per_step"] = row["host_copies_total"] - base["host_copies_total"]
         row["host_mib_per_step"] = (row["host_bytes_total"] - base["host_bytes_total"]) / MIB
@@ -981,12 +982,8 @@ def format_table(result: dict) -> str:
 def _run_cli(args) -> int:
     import json
 
-    from ..settings import integer, writable_file
+    from ..settings import writable_file
 
-    for name in ("batch", "reps", "steps", "threads"):
-        if getattr(args, name) is not None:
-            integer(f"--{name}", getattr(args, name), lo=1)
-    integer("--warmup", args.warmup, lo=0)
     if args.json:
         writable_file("--json", args.json)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())

@@ -39,6 +39,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..errors import AibaError
+from ..settings import integer, number
 
 __all__ = ["ControlSettings", "WordItems", "score_items", "paired_bootstrap", "class_summary",
            "generate_word_maps", "run_control", "run_from_args", "format_markdown"]
@@ -57,12 +58,9 @@ class ControlSettings:
     audio_seconds: float = 2.0  # length of the per-class audio examples (0: none)
 
     def __post_init__(self):
-        if self.samples_per_class < 2 or self.pair_samples < 1:
-            raise AibaError(f"need samples_per_class >= 2 and pair_samples >= 1, got {self.samples_per_class}, "
-                            f"{self.pair_samples}")
-        if self.steps < 1 or self.batch < 1 or self.n_boot < 0 or not 0 < self.level < 1:
-            raise AibaError(f"invalid control settings: steps {self.steps}, batch {self.batch}, n_boot "
-                            f"{self.n_boot}, level {self.level}")
+        for name, lo in (("samples_per_class", 2), ("pair_samples", 1), ("steps", 1), ("batch", 1), ("n_boot", 0)):
+            integer(name, getattr(self, name), lo=lo)
+        number("level", self.level, lo=0, hi=1, lo_open=True, hi_open=True)
 
 
 @dataclass
@@ -337,9 +335,9 @@ def _audio(run: Path, backend, classes, s: ControlSettings, tag: str) -> list[Pa
         return []
     import soundfile as sf
 
-    from ..backends.reference import WORDS
+    from ..backends.reference import SINGLE_TEMPLATES, WORDS
 
-    prompts = [f"a solo {WORDS[c]} recording" for c in classes]
+    prompts = [SINGLE_TEMPLATES[0].format(instrument=WORDS[c]) for c in classes]
     res = backend.generate(prompts, steps=s.steps, guidance_scale=s.guidance_scale, seed=s.seed,
                            seconds=s.audio_seconds)
     (run / "audio").mkdir(parents=True, exist_ok=True)
@@ -395,13 +393,15 @@ def run_control(out, *, weights=("seed0",), untrained: bool = True, classes=None
 def run_from_args(args) -> int:
     """``aiba eval --backend reference``: the control from the shipped weights."""
     from ..backends.reference import CLASSES
+    from ..runs.config import canonical_class
 
-    classes = tuple(c for c in CLASSES if c.lower() in {x.strip().lower() for x in args.classes.split(",")})
+    wanted = {canonical_class(c) for c in args.classes.split(",") if c.strip()}  # unknown names raise
+    classes = tuple(c for c in CLASSES if c in wanted)
     if not classes:
         raise AibaError(f"--classes {args.classes!r}: none of {[c.lower() for c in CLASSES]}")
-    s = ControlSettings(samples_per_class=args.samples_per_class or 8, steps=args.steps or 10,
-                        guidance_scale=3.0 if args.guidance_scale is None else args.guidance_scale,
-                        seed=args.seed, n_boot=args.n_boot)
+    given = lambda v, default: default if v is None else v  # noqa: E731  an explicit 0 is checked, not replaced
+    s = ControlSettings(samples_per_class=given(args.samples_per_class, 8), steps=given(args.steps, 10),
+                        guidance_scale=given(args.guidance_scale, 3.0), seed=args.seed, n_boot=args.n_boot)
     weights = () if args.tiny else tuple(w.strip() for w in (args.model_id or "seed0").split(","))
     out = args.out or ("runs/reference-untrained" if args.tiny else "runs/reference")
     res = run_control(out, weights=weights, untrained=True, classes=classes, settings=s,

@@ -172,10 +172,9 @@ def _watch_runs(model, modules: dict, tap):
     from torch.nn.modules import module as torch_module
 
     watch = _RunWatch(modules, tap)
-    by_id = {id(m): n for n, m in modules.items()}
     for _, layer in model.named_modules():
-        if isinstance(layer, nn.TransformerEncoderLayer) and id(layer.self_attn) in by_id:
-            watch.layers[id(layer)] = by_id[id(layer.self_attn)]
+        if isinstance(layer, nn.TransformerEncoderLayer) and id(layer.self_attn) in watch.paths:
+            watch.layers[id(layer)] = watch.paths[id(layer.self_attn)]
     handles = [torch_module.register_module_forward_pre_hook(watch.pre),
                torch_module.register_module_forward_hook(watch.post)]
     try:

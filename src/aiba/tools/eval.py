@@ -88,9 +88,6 @@ def dist_info() -> tuple[int, int]:
     return rank, world
 
 
-# ---------------------------------------------------------------------------- run dir
-
-
 # ---------------------------------------------------------------------------- ground truth
 def _wait_for(path: Path, what: str, timeout: float = 6 * 3600) -> None:
     t0 = time.time()
@@ -394,9 +391,6 @@ def merge(run_dir) -> Path:
     """Combine the shard files of a run into ``records.jsonl`` (deduplicated, conflicts
     reported), check every planned sample is present, and build tables and figures."""
     run = Path(run_dir)
-    mpath = run / "manifest.json"
-    if not mpath.is_file():
-        raise AibaError(f"{run}: no manifest.json (not an aiba eval run directory)")
     manifest = read_manifest(run)
     recs, problems = load_records(run)
     for p in problems:

@@ -29,7 +29,7 @@ import numpy as np
 from ..atomic import atomic_write
 from ..errors import AibaError
 
-__all__ = ["TrainSettings", "load_features", "sample_batch", "train", "register"]
+__all__ = ["TrainSettings", "load_features", "train", "register"]
 
 
 @dataclass(frozen=True)
@@ -154,12 +154,6 @@ class _Sampler:
             xs.append(x)
             prompts.append("" if rng.random() < self.drop else prompt)
         return np.stack(xs), prompts  # (B, frames, 64), B prompts
-
-
-def sample_batch(feats: dict, seed: int, step: int, size: int = 16, frames: int = 16,
-                 mix_fraction: float = 0.7, drop_prompt: float = 0.1):
-    """The training batch of ``step``: ``(features (B, frames, 64), prompts)``."""
-    return _Sampler(feats, frames, mix_fraction, drop_prompt).batch(np.random.default_rng([seed, step]), size)
 
 
 # ------------------------------------------------------------------ training
