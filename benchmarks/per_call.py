@@ -5,6 +5,8 @@ paired differences against plain SDPA of the same repetition, two clocks: the me
 calls timed at their call site (what the table leads with: robust to preemption on a shared
 machine) and the block's thread CPU time per call:
 
+- the shim alone: a self call inside ``combined_patch`` with a tap that takes no SDPA call
+  (the kernel called through aiba's shim, nothing else: the floor of every call);
 - not selected: a self call under ``AttnTap(kinds=("cross",))`` (recorded, not recomputed), and
   the same with ``records="selected"`` (only counted);
 - selected cross, pooled: ``AttnTap(pool="mean", latent_shape=(8, 8), content=..., cfg_order=...)``
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         pc["loadavg"] = os.getloadavg()
     except OSError:
         pass
-    labels = {"not selected": "not selected (a self call with kinds=(\"cross\",)), recorded",
+    labels = {"the shim alone": "the shim alone (a tap that takes no SDPA call: the floor of any call)",
+              "not selected": "not selected (a self call with kinds=(\"cross\",)), recorded",
               "not selected, records=selected": "not selected, records=\"selected\" (counted only)",
               "selected cross pooled": "selected cross call, pool=\"mean\", 8x8 latent lattice, tiny shape",
               "its kernels alone": "the kernels that call launches, called directly (its floor)",

@@ -218,3 +218,29 @@ def test_instrument_tokens_prompts_and_plan(tmp_path):
     assert [s.seed for s in p] == [5, 6, 7, 5, 6, 7] and p[1].prompt == "the sound of bass playing alone"
     with pytest.raises(AibaError, match="gt"):
         EvalConfig(gt="nope")
+
+
+@pytest.mark.parametrize("field, bad", [("pool", "sum"), ("aggregate", "median"), ("weights", "equal"), ("kinds", "self"),
+                                        ("normalize", "zscore"), ("gt", "stems")])
+def test_config_choices_are_checked_and_offered_by_the_cli(field, bad):
+    """Each choice field refuses a value outside its list (named in the error); the CLI offers
+    exactly the values the config takes, and the values the library's functions take."""
+    import argparse
+
+    from aiba.align.metrics import normalize_map
+    from aiba.runs.config import CHOICES
+    from aiba.tools.eval import register
+
+    with pytest.raises(AibaError, match=rf"{field} must be one of .*got '{bad}'"):
+        EvalConfig(**{field: bad})
+    for value in CHOICES[field]:
+        assert getattr(EvalConfig(**{field: value}), field) == value
+    ap = argparse.ArgumentParser()
+    register(ap.add_subparsers())
+    sub = ap._subparsers._group_actions[0].choices["eval"]
+    flags = {a.dest: a for a in sub._actions}
+    if field in flags:
+        assert tuple(flags[field].choices) == CHOICES[field] and flags[field].default == getattr(EvalConfig(), field)
+    if field == "normalize":  # every listed value works on a map
+        for value in CHOICES[field]:
+            assert normalize_map(np.array([[0.0, 2.0]]), value).shape == (1, 2)

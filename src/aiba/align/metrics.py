@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import AibaError, AibaWarning
 
 __all__ = [
+    "NORMALIZATIONS",
     "as_array",
     "normalize_map",
     "binarize",
@@ -77,6 +78,9 @@ def _same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
         raise AibaError(f"{what}: shapes differ: map/pred {a.shape} vs ground truth {b.shape}")
 
 
+NORMALIZATIONS = ("max", "minmax", "none")
+
+
 def normalize_map(map, normalize: str = "max") -> np.ndarray:
     """Normalise each ``(T, F)`` map over its last two axes (Sec. 2.2 threshold sweep).
 
@@ -98,7 +102,7 @@ def normalize_map(map, normalize: str = "max") -> np.ndarray:
         return np.where(const, 1.0, m / np.where(hi > 0, hi, 1.0))
     if normalize == "minmax":
         return np.where(const, 1.0, (m - lo) / np.where(const, 1.0, hi - lo))
-    raise AibaError(f"normalize must be 'max', 'minmax' or 'none', got {normalize!r}")
+    raise AibaError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
 
 
 def binarize(map, threshold: float, normalize: str = "max") -> np.ndarray:

@@ -247,7 +247,7 @@ _SETTINGS: dict[str, Callable] = {
     "prefix_tokens": _int_at_least("prefix_tokens", 0),
     "lattices": _lattices,
     "tau": _real("tau", 0.0, None, True, "a finite number > 0 (softmax temperature)"),
-    "aggregate": _one_of("aggregate", ("mean", "max"), "'mean' or 'max'"),
+    "aggregate": _one_of("aggregate", mapping.AGGREGATES),
     "weights": _weights,
     "gamma": _real("gamma", 0.0, 1.0, True, "a number in (0, 1]"),
     "batch": _one_of("batch", ("cond", "uncond", "all"), "'cond', 'uncond' or 'all'"),

@@ -20,6 +20,7 @@ from ..errors import AibaError
 
 __all__ = [
     "POOLS",
+    "AGGREGATES",
     "PADDINGS",
     "candidate_lattices",
     "find_lattice",
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 POOLS = ("mean", "max", "softmax", "subset", None)
+AGGREGATES = ("mean", "max")  # over layers and steps: weighted mean, or cellwise max
 PADDINGS = ("border", "zeros", "reflection")
 
 Lattice = tuple[int, int]  # (T', F'); a time-only lattice has F' == 1 and is flagged by the tap

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..align.metrics import NORMALIZATIONS
 from ..errors import AibaError
+from ..maps.mapping import AGGREGATES, POOLS
 from ..settings import fill_template, integer, number
 
 __all__ = [
+    "CHOICES",
     "DEFAULT_TEMPLATES",
     "EvalConfig",
     "GT_KINDS",
@@ -27,6 +30,10 @@ __all__ = [
 
 
 GT_KINDS = ("knowledge", "data", "generated")
+
+# EvalConfig's fields that take one of a few values, and those values (the CLI offers the same).
+CHOICES = {"gt": GT_KINDS, "pool": tuple(p for p in POOLS if p is not None), "aggregate": AGGREGATES,
+           "weights": ("uniform", "late", "learned"), "kinds": ("cross", "all"), "normalize": NORMALIZATIONS}
 
 # Prompt templates cycled over a class's samples; {instrument} is the class's instrument word.
 DEFAULT_TEMPLATES = ("a solo {instrument} recording", "the sound of {instrument} playing alone")
@@ -80,18 +87,9 @@ class EvalConfig:
     figures: bool = True
 
     def __post_init__(self):
-        def bad(what, value, allowed):
-            raise AibaError(f"eval: {what} must be one of {allowed}, got {value!r}")
-        if self.gt not in GT_KINDS:
-            bad("gt", self.gt, GT_KINDS)
-        if self.pool not in ("mean", "max", "softmax", "subset"):
-            bad("pool", self.pool, ("mean", "max", "softmax", "subset"))
-        if self.aggregate not in ("mean", "max"):
-            bad("aggregate", self.aggregate, ("mean", "max"))
-        if self.weights not in ("uniform", "late", "learned"):
-            bad("weights", self.weights, ("uniform", "late", "learned"))
-        if self.kinds not in ("cross", "all"):
-            bad("kinds", self.kinds, ("cross", "all"))
+        for what, allowed in CHOICES.items():
+            if getattr(self, what) not in allowed:
+                raise AibaError(f"eval: {what} must be one of {allowed}, got {getattr(self, what)!r}")
         if len(self.grid) != 2 or min(self.grid) < 2:
             raise AibaError(f"eval: grid must be (T, F) with sizes >= 2, got {self.grid}")
         integer("eval: grid T", self.grid[0], lo=2, hi=1 << 16)
@@ -133,8 +131,6 @@ class EvalConfig:
         integer("eval --template-stems", self.template_stems, lo=1)
         integer("eval --render-tracks", self.render_tracks, lo=1)
         number("eval --render-seconds", self.render_seconds, lo=0.5, hi=600)
-        if self.normalize not in ("max", "minmax", "none"):
-            bad("normalize", self.normalize, ("max", "minmax", "none"))
 
     def resolved(self) -> "EvalConfig":
         """Fill the backend-dependent defaults (steps, samples per class)."""

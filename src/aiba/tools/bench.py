@@ -645,10 +645,11 @@ def bench_model(model: BenchModel, cfg: BenchConfig, log: Callable[[str], None] 
 
 
 # ------------------------------------------------------------- per-call overhead
-PER_CALL_MODES = ("plain-cross", "plain-self", "not-selected", "not-selected-counted", "selected-cross", "kernels-only",
-                  "hand-recompute")
+PER_CALL_MODES = ("plain-cross", "plain-self", "shim-only", "not-selected", "not-selected-counted", "selected-cross",
+                  "kernels-only", "hand-recompute")
 # what each overhead line subtracts: (mode, its plain baseline)
-PER_CALL_LINES = {"not selected": ("not-selected", "plain-self"),
+PER_CALL_LINES = {"the shim alone": ("shim-only", "plain-self"),
+                  "not selected": ("not-selected", "plain-self"),
                   "not selected, records=selected": ("not-selected-counted", "plain-self"),
                   "selected cross pooled": ("selected-cross", "plain-cross"),
                   "its kernels alone": ("kernels-only", "plain-cross"),
@@ -771,7 +772,9 @@ def per_call(device: str = "cpu", dtype: torch.dtype = torch.float32, calls: int
     """Host microseconds per attention call (module -> processor -> SDPA), measured two ways.
 
     Modes, interleaved in an order that rotates every repetition, each a block of ``calls``
-    calls after 10 untimed ones: ``plain-cross``/``plain-self`` (no capture),
+    calls after 10 untimed ones: ``plain-cross``/``plain-self`` (no capture), ``shim-only``
+    (a self call inside ``combined_patch`` with a tap that takes no SDPA call: the shim
+    runs the kernel, finds no tap for it and returns; the floor of every call under capture),
     ``not-selected`` (a self call under ``AttnTap(kinds=("cross",))``, recorded),
     ``not-selected-counted`` (the same with ``records="selected"``: only counted),
     ``selected-cross`` (``AttnTap(pool="mean", latent_shape=lattice, content=..., cfg)``, the
@@ -830,7 +833,8 @@ def _per_call_runs(model: nn.Module, dev: torch.device, dtype: torch.dtype, shap
     w[content] = 1.0 / len(content)
     cross, selfm = model["attn2"], model["attn1"]
     common = dict(kinds=("cross",), latent_shape=(t, f), content=content, cfg_order="uncond_first")
-    taps = {"not-selected": AttnTap(**common), "not-selected-counted": AttnTap(records="selected", **common),
+    taps = {"shim-only": AttnTap(kernels=("mha",), **common), "not-selected": AttnTap(**common),
+            "not-selected-counted": AttnTap(records="selected", **common),
             "selected-cross": AttnTap(pool="mean", **common)}
     on_cross = ("plain-cross", "selected-cross", "kernels-only", "hand-recompute")
 
@@ -845,8 +849,9 @@ def _per_call_runs(model: nn.Module, dev: torch.device, dtype: torch.dtype, shap
             block = _us_per_call(fn, calls, dev)
         if tap is not None:  # the block measured what it claims: every call captured, or none
             captured, kept, seen = sum(r.captured for r in tap.store), len(tap.store), sum(tap.counts.values())
-            want = (calls + 10 if mode == "selected-cross" else 0, 0 if tap.records == "selected" else calls + 10)
-            if (captured, kept, seen) != (*want, calls + 10):
+            want = (calls + 10 if mode == "selected-cross" else 0,
+                     0 if tap.records == "selected" or mode == "shim-only" else calls + 10, 0 if mode == "shim-only" else calls + 10)
+            if (captured, kept, seen) != want:
                 raise AibaError(f"per-call mode {mode!r}: {captured} captured, {kept} kept of {seen} calls")
             tap.reset()
         return block, statistics.median(proc.ns[10:]) / 1e3

@@ -57,9 +57,9 @@ from ..atomic import atomic_write, remove_stale_temps
 from ..errors import AibaError, AibaWarning
 from ..runs.lock import LOCK_NAME, RunLock
 from ..runs.config import (
+    CHOICES,
     DEFAULT_TEMPLATES,
     EvalConfig,
-    GT_KINDS,
     INSTRUMENT_WORDS,
     Sample,
     canonical_class,
@@ -489,14 +489,16 @@ def register(subparsers) -> None:
     p.add_argument("--seconds", type=float, default=None, help="clip length (default: the backend's)")
     p.add_argument("--seed", type=int, default=0, help="sample k uses seed + k (default 0)")
     p.add_argument("--out", default=None, help="run directory (default runs/BACKEND[-tiny])")
-    p.add_argument("--gt", choices=GT_KINDS, default="data", help="ground truth (default data)")
-    p.add_argument("--pool", choices=("mean", "max", "softmax", "subset"), default="mean",
-                   help="text-token pooling (default mean over the prompt's words)")
-    p.add_argument("--aggregate", choices=("mean", "max"), default="mean", help="spatial aggregator (default mean)")
-    p.add_argument("--weights", choices=("uniform", "late", "learned"), default="uniform",
+    d = EvalConfig()
+    p.add_argument("--gt", choices=CHOICES["gt"], default=d.gt, help=f"ground truth (default {d.gt})")
+    p.add_argument("--pool", choices=CHOICES["pool"], default=d.pool,
+                   help=f"text-token pooling (default {d.pool} over the prompt's words)")
+    p.add_argument("--aggregate", choices=CHOICES["aggregate"], default=d.aggregate,
+                   help=f"spatial aggregator (default {d.aggregate})")
+    p.add_argument("--weights", choices=CHOICES["weights"], default=d.weights,
                    help="aggregation weights; learned: NNLS layer weights fitted on a held-out split")
-    p.add_argument("--gamma", type=float, default=0.9, help="decay of --weights late (default 0.9)")
-    p.add_argument("--kinds", choices=("cross", "all"), default="cross", help="cross-attention only, or cross + self")
+    p.add_argument("--gamma", type=float, default=d.gamma, help=f"decay of --weights late (default {d.gamma})")
+    p.add_argument("--kinds", choices=CHOICES["kinds"], default=d.kinds, help="cross-attention only, or cross + self")
     p.add_argument("--streams", default=None, help="comma-separated streams to score (default: the word streams)")
     p.add_argument("--grid", type=_grid, default=(128, 64), help="T x F grid (default 128x64)")
     p.add_argument("--fit-fraction", type=float, default=0.25, help="share of samples that fit learned weights")
