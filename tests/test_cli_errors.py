@@ -27,8 +27,9 @@ RUN_ARGS = ["--tiny", "--classes", "bass,drums", "--samples-per-class", "1", "--
 
 
 def tree_hashes(root: Path) -> dict:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's hash and every folder (an empty folder left behind counts too)."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(root.rglob("*"))}
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,8 @@ def cases(run: str, f: dict) -> list:
         ("factory-raises", ["diagnose", "--model", "factories:raises"], INPUT, "weights file corrupt"),
         ("factory-garbage", ["diagnose", "--model", "factories:garbage"], INPUT, "torch.nn.Module"),
         ("factory-not-tuple", ["diagnose", "--model", "factories:not_a_tuple"], INPUT, "(model, run_callable"),
+        ("latent-shape-zero", ["diagnose", "--model", "factories:raises", "--latent-shape", "0x4"], INPUT,
+         "--latent-shape must be T x F or T with positive sizes"),  # checked before the factory runs
         ("report-foreign", ["report", f["foreign"]], INPUT, "not a manifest written by aiba eval"),
         ("report-corrupt", ["report", f["corrupt"]], INPUT, "corrupt manifest"),
         ("report-n-boot-0", ["report", run, "--n-boot", "0"], INPUT, "--n-boot"),
@@ -122,6 +125,21 @@ def cases(run: str, f: dict) -> list:
         ("make-dataset-into-file", ["make-dataset", f["not_a_dir"], "--tracks", "1"], IO, "is a file"),
         ("bench-json-dir", ["bench", "--size", "tiny", "--json", f["jsondir"]], IO, "is a folder"),
         ("demo-out-missing-dir", ["demo", "--out", run + "/no/such/dir/demo.png"], IO, "does not exist"),
+        ("tiny-device", ev + ["--device", "cuda"], INPUT, "--device cuda applies to the real checkpoint"),
+        ("tiny-dtype", ev + ["--dtype", "float16"], INPUT, "--dtype float16 applies"),
+        ("dtype-unknown", ["eval", "--out", run, "--dtype", "float17"], INPUT, "--dtype must be one of"),
+        ("device-absent", ["eval", "--out", run, "--device", "cuda:7"], INPUT, "'cuda:7' is not usable here"),
+        ("device-garbage", ["eval", "--out", run, "--device", "tpu"], INPUT, "a torch device such as"),
+        ("bench-device-absent", ["bench", "--size", "tiny", "--device", "cuda:7"], INPUT, "'cuda:7' is not usable here"),
+        ("reference-unused-flags", ["eval", "--backend", "reference", "--out", run, "--grid", "8x8", "--shard", "3/2"],
+         INPUT, "does not use --grid, --shard"),
+        ("reference-seed-neg", ["eval", "--backend", "reference", "--out", run, "--seed", "-1"], INPUT, "seed"),
+        ("reference-guidance-nan", ["eval", "--backend", "reference", "--out", run, "--guidance-scale", "nan"], INPUT,
+         "guidance_scale"),
+        ("reference-device-absent", ["eval", "--backend", "reference", "--out", run, "--device", "cuda:7"], INPUT,
+         "'cuda:7' is not usable here"),
+        ("reference-weights-unknown", ["eval", "--backend", "reference", "--out", run + "/ref", "--model-id", "nope"],
+         INPUT, "no shipped reference weights 'nope'"),
     ]
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from aiba.errors import AibaError
-from aiba.settings import fill_template, integer, number, writable_file
+from aiba.settings import DTYPES, device, dtype_name, fill_template, integer, number, writable_file
 
 
 @pytest.mark.parametrize("template, message", [
@@ -54,3 +54,27 @@ def test_writable_file(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(AibaError, match="is a file"):
         writable_file("--json", tmp_path / "f" / "r.json")
+
+
+def test_device_is_one_this_machine_has():
+    import torch
+
+    assert device("--device", "cpu") == "cpu" and device("--device", torch.device("cpu", 0)) == "cpu:0"
+    for bad, said in (("tpu", "a torch device such as"), ("cuda:x", "a torch device such as"), (3.5, "a torch device such as"),
+                      (f"cuda:{torch.cuda.device_count() + 1}", "is not usable here")):
+        with pytest.raises(AibaError, match=said) as e:
+            device("--device", bad)
+        assert "--device" in str(e.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(AibaError, match="sees no CUDA device"):
+            device("--device", "cuda")
+
+
+def test_dtype_names():
+    import torch
+
+    for name in DTYPES:
+        assert dtype_name("--dtype", name) == name and isinstance(getattr(torch, name), torch.dtype)
+    for bad in ("float17", "int8", None, torch.float16):
+        with pytest.raises(AibaError, match="--dtype must be one of"):
+            dtype_name("--dtype", bad)

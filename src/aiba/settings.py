@@ -12,7 +12,9 @@ import string
 
 from .errors import AibaError
 
-__all__ = ["integer", "number", "fill_template", "writable_file"]
+__all__ = ["DTYPES", "integer", "number", "dtype_name", "device", "fill_template", "writable_file"]
+
+DTYPES = ("float32", "float16", "bfloat16")  # the floating types a model may run in
 
 
 def _fail(name: str, value, expected: str):
@@ -58,6 +60,37 @@ def number(name: str, value, *, lo: float | None = None, hi: float | None = None
     if hi is not None and (v > hi or (hi_open and v == hi)):
         _fail(name, value, expected)
     return v
+
+
+def dtype_name(name: str, value) -> str:
+    """One of :data:`DTYPES`, by name."""
+    if value not in DTYPES:
+        _fail(name, value, f"one of {DTYPES}")
+    return value
+
+
+def device(name: str, value) -> str:
+    """A torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...),
+    normalised; checked by placing an empty tensor on it."""
+    import torch
+
+    try:
+        d = torch.device(value)
+    except (TypeError, RuntimeError, ValueError):
+        _fail(name, value, "a torch device such as 'cpu', 'cuda' or 'cuda:1'")
+    why = None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        why = f"this torch ({torch.__version__}) sees no CUDA device"
+    elif d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        why = f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    else:
+        try:
+            torch.empty(0, device=d)
+        except (RuntimeError, AssertionError, ValueError) as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if why is not None:
+        raise AibaError(f"{name} {value!r} is not usable here: {why}")
+    return str(d)
 
 
 def fill_template(template, fields: dict, what: str = "prompt template") -> str:

@@ -357,8 +357,7 @@ def make_dataset(out, cfg: RenderConfig, progress: bool = True) -> list[Path]:
     from tqdm import tqdm
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    synth = _resolve_synth(cfg)
+    synth = _resolve_synth(cfg)  # the soundfont is checked before anything is made
     record = {"generator": "aiba make-dataset", "synth": synth, **asdict(cfg)}
     record.pop("tracks")
     cfg_file = out / "mini_slakh.yaml"
@@ -368,6 +367,7 @@ def make_dataset(out, cfg: RenderConfig, progress: bool = True) -> list[Path]:
         if diff:
             raise AibaError(f"{out} was written with other settings {diff} (old, new): use another folder")
     else:
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write(cfg_file, lambda p: p.write_text(yaml.safe_dump(record, sort_keys=True)))
     for partial in out.glob("*/.Track*.partial-*"):  # folders of a writer that died mid-track
         pid = partial.name.rsplit("-", 1)[-1]

@@ -13,7 +13,7 @@ import numpy as np
 from ..align.metrics import NORMALIZATIONS
 from ..errors import AibaError
 from ..maps.mapping import AGGREGATES, POOLS
-from ..settings import fill_template, integer, number
+from ..settings import dtype_name, fill_template, integer, number
 
 __all__ = [
     "CHOICES",
@@ -124,6 +124,16 @@ class EvalConfig:
         if self.seconds is not None:
             number("eval --seconds", self.seconds, lo=0, lo_open=True, hi=3600)
         integer("eval --seed", self.seed, lo=0)
+        if self.dtype is not None:
+            dtype_name("eval --dtype", self.dtype)
+        if self.tiny:
+            given = [f"--{k} {v}" for k, v, ok in (("device", self.device, (None, "cpu")), ("dtype", self.dtype, (None, "float32")))
+                     if v not in ok]
+            if given:
+                many = len(given) > 1
+                raise AibaError(f"eval --tiny runs the offline model on the CPU in float32; {', '.join(given)} "
+                                f"{'apply' if many else 'applies'} to the real checkpoint: drop --tiny, or "
+                                f"{'those flags' if many else 'that flag'}")
         number("eval --gamma", self.gamma, lo=0, lo_open=True, hi=1)
         number("eval --threshold", self.threshold, lo=0, hi=1)
         integer("eval --n-boot", self.n_boot, lo=1)

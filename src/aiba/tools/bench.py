@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AibaError
+from .. import settings
 from ..settings import integer
 from ..capture.patch import swap_attr, swap_everywhere
 from ..capture.probs import fold_pooled_item
@@ -147,8 +148,9 @@ class BenchConfig:
             integer(name, getattr(self, name), lo=lo)
         if self.threads is not None:
             integer("threads", self.threads, lo=1)
-        if self.dtype not in (None, "float16", "bfloat16", "float32"):
-            raise AibaError(f"dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
+        if self.dtype is not None:
+            settings.dtype_name("dtype", self.dtype)
+        settings.device("device", self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -39,9 +39,9 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..errors import AibaError
-from ..settings import integer, number
+from ..settings import device as usable_device, integer, number
 
-__all__ = ["ControlSettings", "WordItems", "score_items", "paired_bootstrap", "class_summary",
+__all__ = ["RUN_FLAGS", "ControlSettings", "WordItems", "score_items", "paired_bootstrap", "class_summary",
            "generate_word_maps", "run_control", "run_from_args", "format_markdown"]
 
 
@@ -58,8 +58,11 @@ class ControlSettings:
     audio_seconds: float = 2.0  # length of the per-class audio examples (0: none)
 
     def __post_init__(self):
-        for name, lo in (("samples_per_class", 2), ("pair_samples", 1), ("steps", 1), ("batch", 1), ("n_boot", 0)):
+        for name, lo in (("samples_per_class", 2), ("pair_samples", 1), ("steps", 1), ("batch", 1), ("n_boot", 0),
+                         ("seed", 0)):
             integer(name, getattr(self, name), lo=lo)
+        number("guidance_scale", self.guidance_scale)
+        number("audio_seconds", self.audio_seconds, lo=0, hi=600)
         number("level", self.level, lo=0, hi=1, lo_open=True, hi_open=True)
 
 
@@ -359,14 +362,15 @@ def run_control(out, *, weights=("seed0",), untrained: bool = True, classes=None
 
     s = settings or ControlSettings()
     classes = tuple(classes or CLASSES)
-    run = Path(out)
-    run.mkdir(parents=True, exist_ok=True)
-    bands = control_bands(classes)
-    models: dict = {}
+    device = usable_device("device", device)
+    models: dict = {}  # loaded before the run folder is made: unknown weights leave nothing behind
     for w in weights:
         models[f"trained {w}"] = ReferenceBackend(load_weights(w, device))
     if untrained:
         models["untrained"] = ReferenceBackend.tiny(seed=s.seed, device=device)
+    run = Path(out)
+    run.mkdir(parents=True, exist_ok=True)
+    bands = control_bands(classes)
     results = {"settings": asdict(s), "classes": list(classes), "models": {}, "bands": {
         gt: {c: np.flatnonzero(b).tolist() for c, b in bb.items()} for gt, bb in bands.items()}, "seconds": {}}
     items_by_model, feats_by_model = {}, {}
@@ -390,8 +394,14 @@ def run_control(out, *, weights=("seed0",), untrained: bool = True, classes=None
     return results
 
 
+# the ``aiba eval`` flags the control reads (any other flag given is refused before it runs)
+RUN_FLAGS = ("backend", "tiny", "model_id", "device", "classes", "samples_per_class", "steps", "guidance_scale", "seed",
+             "n_boot", "out", "no_figures", "quiet")
+
+
 def run_from_args(args) -> int:
-    """``aiba eval --backend reference``: the control from the shipped weights."""
+    """``aiba eval --backend reference``: the control from the shipped weights (reads the
+    flags in :data:`RUN_FLAGS`)."""
     from ..backends.reference import CLASSES
     from ..runs.config import canonical_class
 

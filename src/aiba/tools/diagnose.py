@@ -418,11 +418,17 @@ def _describe_inputs(run) -> str:
     return f"the factory's example inputs: {items} (--prompt not used)"
 
 
-def _ints(text: str) -> tuple:
+def _latent(text: str | None) -> tuple | None:
+    """--latent-shape: ``256x16``, ``256,16`` or ``1024`` -> (T, F) or (T,), positive sizes."""
+    if not text:
+        return None
     try:
-        return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+        sizes = tuple(int(v) for v in text.lower().replace("x", ",").split(",") if v.strip())
     except ValueError:
-        raise AibaError(f"expected sizes like 256,16 or 1024, got {text!r}") from None
+        sizes = ()
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise AibaError(f"--latent-shape must be T x F or T with positive sizes (e.g. 256x16 or 1024), got {text!r}")
+    return sizes
 
 
 def _run(args) -> int:
@@ -437,6 +443,7 @@ def _run(args) -> int:
         integer("--prefix-tokens", args.prefix_tokens, lo=0)
     if args.latent_shape and not args.model:
         raise AibaError("--latent-shape applies to --model only")
+    args.latent_shape = _latent(args.latent_shape)  # checked before the factory loads anything
     with contextlib.redirect_stdout(sys.stderr):  # libraries' prints never reach the report (| jq)
         d = _diagnose_args(args)
     print(json.dumps(d.to_dict(), indent=2) if args.json else format_report(d))
@@ -448,7 +455,7 @@ def _diagnose_args(args):
         from ..backends.generic import GenericBackend
 
         model, run = load_factory(args.model)
-        backend = GenericBackend(model, run, latent_shape=_ints(args.latent_shape) if args.latent_shape else None,
+        backend = GenericBackend(model, run, latent_shape=args.latent_shape,
                                  prefix_tokens=args.prefix_tokens, cfg_order=args.cfg_order, name=f"generic ({args.model})")
     elif args.backend:
         if args.backend == "generic":

@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import settings
 from ..atomic import atomic_write, remove_stale_temps
 from ..errors import AibaError, AibaWarning
 from ..runs.lock import LOCK_NAME, RunLock
@@ -313,6 +314,8 @@ def run_eval(cfg: EvalConfig, *, rank: int | None = None, world: int | None = No
     each record is durably written.
     """
     cfg = cfg.resolved()
+    if cfg.device is not None and backend is None:
+        settings.device("eval --device", cfg.device)  # a device this machine lacks fails before anything is written
     if rank is None or world is None:
         rank, world = dist_info()
     samples = plan(cfg)  # every prompt filled: nothing is written before the settings hold
@@ -435,8 +438,13 @@ def _cmd(args: argparse.Namespace) -> int:
         print(f"merged {run}: tables and figures written")
         return 0
     if args.backend == "reference":  # the positive control: trained vs untrained vs nulls (aiba.tools.control)
-        from .control import run_from_args
+        from .control import RUN_FLAGS, run_from_args
 
+        unused = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                  if k in args.defaults and k not in RUN_FLAGS and v != args.defaults[k]]
+        if unused:
+            raise AibaError(f"aiba eval --backend reference runs the positive control, which does not use {', '.join(unused)}; "
+                            f"it takes {', '.join('--' + f.replace('_', '-') for f in RUN_FLAGS)}")
         return run_from_args(args)
     templates, instruments = (load_prompts(args.prompts) if args.prompts else
                               (DEFAULT_TEMPLATES, tuple(INSTRUMENT_WORDS.items())))
@@ -470,6 +478,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``aiba eval``."""
+    d = EvalConfig()
     p = subparsers.add_parser("eval", help="generate with capture and score attention against instrument bands",
                               description=__doc__.splitlines()[0])
     p.add_argument("--backend", default="audioldm2", help="model family (default audioldm2)")
@@ -487,9 +496,8 @@ def register(subparsers) -> None:
     p.add_argument("--samples-per-class", type=int, default=None, help="samples per class (default 8; 2 with --tiny)")
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the backend's")
     p.add_argument("--seconds", type=float, default=None, help="clip length (default: the backend's)")
-    p.add_argument("--seed", type=int, default=0, help="sample k uses seed + k (default 0)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"sample k uses seed + k (default {d.seed})")
     p.add_argument("--out", default=None, help="run directory (default runs/BACKEND[-tiny])")
-    d = EvalConfig()
     p.add_argument("--gt", choices=CHOICES["gt"], default=d.gt, help=f"ground truth (default {d.gt})")
     p.add_argument("--pool", choices=CHOICES["pool"], default=d.pool,
                    help=f"text-token pooling (default {d.pool} over the prompt's words)")
@@ -500,16 +508,21 @@ def register(subparsers) -> None:
     p.add_argument("--gamma", type=float, default=d.gamma, help=f"decay of --weights late (default {d.gamma})")
     p.add_argument("--kinds", choices=CHOICES["kinds"], default=d.kinds, help="cross-attention only, or cross + self")
     p.add_argument("--streams", default=None, help="comma-separated streams to score (default: the word streams)")
-    p.add_argument("--grid", type=_grid, default=(128, 64), help="T x F grid (default 128x64)")
-    p.add_argument("--fit-fraction", type=float, default=0.25, help="share of samples that fit learned weights")
-    p.add_argument("--threshold", type=float, default=0.5, help="operating point after max-normalisation")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
-    p.add_argument("--step-maps", type=int, default=4, help="per-step maps kept per sample (default 4)")
-    p.add_argument("--render-tracks", type=int, default=4, help="tracks of the default mini-Slakh (default 4)")
-    p.add_argument("--render-seconds", type=float, default=4.0, help="seconds per default mini-Slakh track")
+    p.add_argument("--grid", type=_grid, default=d.grid, help=f"T x F grid (default {d.grid[0]}x{d.grid[1]})")
+    p.add_argument("--fit-fraction", type=float, default=d.fit_fraction,
+                   help=f"share of samples that fit learned weights (default {d.fit_fraction})")
+    p.add_argument("--threshold", type=float, default=d.threshold,
+                   help=f"operating point after max-normalisation (default {d.threshold})")
+    p.add_argument("--n-boot", type=int, default=d.n_boot, help=f"bootstrap resamples for the CIs (default {d.n_boot})")
+    p.add_argument("--step-maps", type=int, default=d.step_maps, help=f"per-step maps kept per sample (default {d.step_maps})")
+    p.add_argument("--render-tracks", type=int, default=d.render_tracks,
+                   help=f"tracks of the default mini-Slakh (default {d.render_tracks})")
+    p.add_argument("--render-seconds", type=float, default=d.render_seconds,
+                   help=f"seconds per default mini-Slakh track (default {d.render_seconds})")
     p.add_argument("--shard", default=None, help="i/n: run shard i of n (default: RANK/WORLD_SIZE, else 0/1)")
     p.add_argument("--merge", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="combine the shard files of RUN_DIR (or --out) and build tables and figures")
     p.add_argument("--no-figures", action="store_true", help="tables only")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd)
+    p.set_defaults(defaults=vars(p.parse_args([])))  # what each flag is when not given
