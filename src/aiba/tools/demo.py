@@ -112,12 +112,7 @@ def run_demo(out: str | Path | None = "aiba-demo.png", target_T: int = 32, targe
 
 def save_heatmap(grid: torch.Tensor, path: str | Path, title: str = "") -> Path:
     """Save a (T, F) map as a time x mel heat map (time on x, low bands at the bottom)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise AibaError("drawing the heat map needs matplotlib: pip install 'aiba[eval]'", kind="missing") from None
-
-    matplotlib.use("Agg")
+    _matplotlib()
     import matplotlib.pyplot as plt
 
     path = Path(path)
@@ -133,10 +128,32 @@ def save_heatmap(grid: torch.Tensor, path: str | Path, title: str = "") -> Path:
     return path
 
 
+def _matplotlib() -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise AibaError("drawing the heat map needs matplotlib: pip install 'aiba[eval]'", kind="missing") from None
+    matplotlib.use("Agg")
+
+
+def _image_format(path) -> str:
+    """The image format matplotlib will write ``path`` in (from its suffix), checked before any work."""
+    _matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    fmt = Path(path).suffix.lower().lstrip(".")
+    if fmt not in formats:
+        raise AibaError(f"--out {path}: the heat map is an image; end the name in one of "
+                        f"{', '.join('.' + f for f in sorted(formats))} (e.g. aiba-demo.png)")
+    return fmt
+
+
 def _cmd(args) -> int:
     from ..settings import writable_file
 
     writable_file("--out", args.out)
+    _image_format(args.out)
     report = run_demo(args.out)
     print(f"{'layer':10} {'kernel':6} {'kind':6} {'q x k':>8}  lattice")
     for c in report["calls"]:

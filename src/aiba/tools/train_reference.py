@@ -28,6 +28,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..errors import AibaError
+from ..settings import device as usable_device, integer, number
 
 __all__ = ["TrainSettings", "load_features", "train", "register"]
 
@@ -47,6 +48,19 @@ class TrainSettings:
     checkpoint_every: int = 100
     device: str = "cpu"
     split: str = "train"
+
+    def __post_init__(self):
+        """Every setting checked (named as its flag) before any data is read or folder made."""
+        for flag, lo in (("--seed", 0), ("--steps", 1), ("--batch", 1), ("--checkpoint-every", 1), ("--warmup", 0)):
+            integer(flag, getattr(self, flag[2:].replace("-", "_")), lo=lo)
+        number("lr", self.lr, lo=0, lo_open=True)
+        number("ema", self.ema, lo=0, hi=1, hi_open=True)
+        number("mix_fraction", self.mix_fraction, lo=0, hi=1)
+        number("drop_prompt", self.drop_prompt, lo=0, hi=1)
+        object.__setattr__(self, "device", usable_device("--device", self.device))
+        if not Path(self.data).is_dir():
+            raise AibaError(f"--data {self.data}: not a folder; render one with `aiba make-dataset {self.data} "
+                            "--tracks 40 --seconds 15`")
 
 
 # ------------------------------------------------------------------ data
@@ -84,6 +98,7 @@ def load_features(data, out: Path | None = None, split: str = "train", progress:
           "tracks": len({s[0] for s in stems}), "stems_per_class": counts,
           "frames": int(sum(s[2].shape[0] for s in stems))}
     if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f"f{i}": s[2] for i, s in enumerate(stems)}
         arrays.update({f"a{i}": s[3] for i, s in enumerate(stems)})
         meta = json.dumps({"stems": [(s[0], s[1]) for s in stems], "fingerprint": fp})
@@ -259,8 +274,9 @@ def train(s: TrainSettings, *, progress: bool = True, command: str | None = None
     from ..backends.reference import ReferenceModel
 
     out = Path(s.out)
-    out.mkdir(parents=True, exist_ok=True)
-    feats = load_features(s.data, out, s.split, progress)
+    if out.exists() and not out.is_dir():
+        raise AibaError(f"--out {out}: is a file, not a folder; choose another output folder", kind="io")
+    feats = load_features(s.data, out, s.split, progress)  # makes ``out`` once the data is found
     model = ReferenceModel(seed=s.seed, device=s.device)
     sampler = _Sampler(feats, model.cfg.frames, s.mix_fraction, s.drop_prompt)
     sched = model.train_scheduler()
@@ -317,12 +333,6 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    if args.steps < 1 or args.batch < 1 or args.checkpoint_every < 1:
-        raise AibaError(f"--steps, --batch and --checkpoint-every must be >= 1, got {args.steps}, "
-                        f"{args.batch}, {args.checkpoint_every}")
-    if not Path(args.data).is_dir():
-        raise AibaError(f"--data {args.data}: not a folder; render one with `aiba make-dataset {args.data} "
-                        "--tracks 40 --seconds 15`")
     s = TrainSettings(data=args.data, out=args.out, seed=args.seed, steps=args.steps, batch=args.batch,
                       device=args.device, checkpoint_every=args.checkpoint_every)
     prov = train(s, progress=not args.quiet, command="aiba " + " ".join(sys.argv[1:]))
