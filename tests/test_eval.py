@@ -244,3 +244,15 @@ def test_config_choices_are_checked_and_offered_by_the_cli(field, bad):
     if field == "normalize":  # every listed value works on a map
         for value in CHOICES[field]:
             assert normalize_map(np.array([[0.0, 2.0]]), value).shape == (1, 2)
+
+
+def test_local_rank_that_is_not_an_integer_is_named(tmp_path, monkeypatch):
+    """With CUDA and no --device, the device comes from LOCAL_RANK (torchrun/accelerate)."""
+    import torch
+
+    monkeypatch.setenv("LOCAL_RANK", "abc")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = EvalConfig(out=str(tmp_path / "r"), backend="audioldm2", classes=("Bass",), samples_per_class=1, steps=1,
+                     gt="knowledge", progress=False, figures=False)
+    with pytest.raises(AibaError, match="LOCAL_RANK='abc' is not an integer"):
+        run_eval(cfg)

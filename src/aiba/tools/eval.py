@@ -293,7 +293,12 @@ def _get_backend(cfg: EvalConfig, rank: int):
 
     device = cfg.device
     if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}" if torch.cuda.is_available() else "cpu"
+        env = os.environ.get("LOCAL_RANK")
+        try:
+            local = rank if env is None else int(env)
+        except ValueError:
+            raise AibaError(f"LOCAL_RANK={env!r} is not an integer") from None
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     kw = {"device": device}
     if cfg.model_id:
         kw["model_id"] = cfg.model_id
