@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         r = us["plain-cross"]
         print(f"| plain SDPA call, cross | {r['median']:.1f} us | {r['q1']:.1f} .. {r['q3']:.1f} | {r['min']:.1f} |")
         for line, label in labels.items():
+            if line not in ov:
+                continue  # older code measured with --src: a case it did not have
             r = ov[line]
             print(f"| {label} | {r['median']:+.1f} us | {r['q1']:+.1f} .. {r['q3']:+.1f} | {r['min']:+.1f} |")
     for dt, ops in pc["ops"].items():

@@ -145,6 +145,11 @@ def cases(run: str, f: dict) -> list:
          "guidance_scale"),
         ("reference-device-absent", ["eval", "--backend", "reference", "--out", run, "--device", "cuda:7"], INPUT,
          "'cuda:7' is not usable here"),
+        ("reference-one-class", ["eval", "--backend", "reference", "--out", run + "/ref", "--classes", "bass"], INPUT,
+         "at least two classes"),
+        ("reference-device-meta", ["eval", "--backend", "reference", "--out", run + "/ref", "--device", "meta"], INPUT,
+         "'meta' is not usable here"),
+        ("tiny-device-meta", ev + ["--device", "meta"], INPUT, "--device meta applies to the real checkpoint"),
         ("reference-weights-unknown", ["eval", "--backend", "reference", "--out", run + "/ref", "--model-id", "nope"],
          INPUT, "no shipped reference weights 'nope'"),
     ]
@@ -423,3 +428,20 @@ def test_single_class_skips_the_shuffled_baseline_with_a_note(tmp_path, capsys):
     assert any("shuffled" in n for n in info["notes"])
     assert set(info["table1"]["null"]) == {"uniform"}
     assert "shuffled" not in (run / "table1.md").read_text() and "nan" not in (run / "table1.md").read_text()
+
+
+def test_runs_written_before_the_device_checks_still_report(finished_run, tmp_path, capsys):
+    """Older versions stored --device/--dtype of a --tiny run (ignored then) and dtype names
+    such as 'half': reading such a manifest back (report, merge) is not refused; only a run
+    about to start checks them."""
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(finished_run, run)
+    (run / ".aiba.lock").unlink(missing_ok=True)
+    m = json.loads((run / "manifest.json").read_text())
+    m["config"].update(device="cuda", dtype="half")
+    (run / "manifest.json").write_text(json.dumps(m))
+    code, out, err = run_cli(["report", run, "--no-figures", "--n-boot", "10"], capsys)
+    assert code == 0, err
+    assert "Traceback" not in err and (run / "table1.md").is_file()

@@ -71,7 +71,7 @@ def dtype_name(name: str, value) -> str:
 
 def device(name: str, value) -> str:
     """A torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...),
-    normalised; checked by placing an empty tensor on it."""
+    normalised; checked by placing an empty tensor on it. ``meta`` (no data) is refused."""
     import torch
 
     try:
@@ -79,15 +79,18 @@ def device(name: str, value) -> str:
     except (TypeError, RuntimeError, ValueError):
         _fail(name, value, "a torch device such as 'cpu', 'cuda' or 'cuda:1'")
     why = None
-    if d.type == "cuda" and not torch.cuda.is_available():
+    if d.type == "meta":
+        why = "a meta tensor holds no data to run a model on"
+    elif d.type == "cuda" and not torch.cuda.is_available():
         why = f"this torch ({torch.__version__}) sees no CUDA device"
     elif d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
         why = f"this machine has {torch.cuda.device_count()} CUDA device(s)"
     else:
         try:
             torch.empty(0, device=d)
-        except (RuntimeError, AssertionError, ValueError) as e:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except Exception as e:  # torch says why in many ways (RuntimeError, AssertionError, a missing module)
+            text = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+            why = text if len(text) <= 160 else text[:157] + "..."  # torch's first sentence
     if why is not None:
         raise AibaError(f"{name} {value!r} is not usable here: {why}")
     return str(d)

@@ -124,16 +124,6 @@ class EvalConfig:
         if self.seconds is not None:
             number("eval --seconds", self.seconds, lo=0, lo_open=True, hi=3600)
         integer("eval --seed", self.seed, lo=0)
-        if self.dtype is not None:
-            dtype_name("eval --dtype", self.dtype)
-        if self.tiny:
-            given = [f"--{k} {v}" for k, v, ok in (("device", self.device, (None, "cpu")), ("dtype", self.dtype, (None, "float32")))
-                     if v not in ok]
-            if given:
-                many = len(given) > 1
-                raise AibaError(f"eval --tiny runs the offline model on the CPU in float32; {', '.join(given)} "
-                                f"{'apply' if many else 'applies'} to the real checkpoint: drop --tiny, or "
-                                f"{'those flags' if many else 'that flag'}")
         number("eval --gamma", self.gamma, lo=0, lo_open=True, hi=1)
         number("eval --threshold", self.threshold, lo=0, hi=1)
         integer("eval --n-boot", self.n_boot, lo=1)
@@ -141,6 +131,23 @@ class EvalConfig:
         integer("eval --template-stems", self.template_stems, lo=1)
         integer("eval --render-tracks", self.render_tracks, lo=1)
         number("eval --render-seconds", self.render_seconds, lo=0.5, hi=600)
+
+    def check_run(self) -> None:
+        """What only a run that is about to start needs (a manifest read back for a report or
+        a merge is not checked again): the dtype's name, and no --device/--dtype with --tiny
+        (the offline models run on the CPU in float32). The device itself is checked where
+        it is resolved (:func:`aiba.tools.eval.run_eval`)."""
+        if self.dtype is not None:
+            dtype_name("eval --dtype", self.dtype)
+        if self.tiny:
+            cpu = self.device is None or str(self.device).split(":")[0] == "cpu"
+            given = [f"--{k} {v}" for k, v, ok in (("device", self.device, cpu), ("dtype", self.dtype, self.dtype in (None, "float32")))
+                     if not ok]
+            if given:
+                many = len(given) > 1
+                raise AibaError(f"eval --tiny runs the offline model on the CPU in float32; {', '.join(given)} "
+                                f"{'apply' if many else 'applies'} to the real checkpoint: drop --tiny, or "
+                                f"{'those flags' if many else 'that flag'}")
 
     def resolved(self) -> "EvalConfig":
         """Fill the backend-dependent defaults (steps, samples per class)."""

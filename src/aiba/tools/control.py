@@ -362,7 +362,10 @@ def run_control(out, *, weights=("seed0",), untrained: bool = True, classes=None
 
     s = settings or ControlSettings()
     classes = tuple(classes or CLASSES)
-    device = usable_device("device", device)
+    if len(classes) < 2:
+        raise AibaError(f"the control needs at least two classes (its shuffled-class null scores a map against another "
+                        f"class's band), got {list(classes)}; e.g. --classes bass,drums")
+    device = usable_device("--device", device)
     models: dict = {}  # loaded before the run folder is made: unknown weights leave nothing behind
     for w in weights:
         models[f"trained {w}"] = ReferenceBackend(load_weights(w, device))

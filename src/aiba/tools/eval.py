@@ -284,11 +284,9 @@ def _run_sample(ctx: _Ctx, sample: Sample) -> dict:
             "seconds": seconds, "sample_rate": int(res.sample_rate), "time_s": round(time.time() - t0, 3)}
 
 
-def _get_backend(cfg: EvalConfig, rank: int):
-    from ..backends import get
-
-    if cfg.tiny:
-        return get(cfg.backend, tiny=True, seed=cfg.seed)
+def _device(cfg: EvalConfig, rank: int) -> str:
+    """The real backend's device: --device, else cuda:LOCAL_RANK when CUDA is there, else
+    cpu; checked to exist on this machine."""
     import torch
 
     device = cfg.device
@@ -299,7 +297,18 @@ def _get_backend(cfg: EvalConfig, rank: int):
         except ValueError:
             raise AibaError(f"LOCAL_RANK={env!r} is not an integer") from None
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    kw = {"device": device}
+    return settings.device("eval --device" if cfg.device is not None else "eval's default device (cuda:LOCAL_RANK)",
+                           device)
+
+
+def _get_backend(cfg: EvalConfig, rank: int):
+    from ..backends import get
+
+    if cfg.tiny:
+        return get(cfg.backend, tiny=True, seed=cfg.seed)
+    import torch
+
+    kw = {"device": _device(cfg, rank)}
     if cfg.model_id:
         kw["model_id"] = cfg.model_id
     if cfg.dtype:
@@ -319,10 +328,12 @@ def run_eval(cfg: EvalConfig, *, rank: int | None = None, world: int | None = No
     each record is durably written.
     """
     cfg = cfg.resolved()
-    if cfg.device is not None and backend is None:
-        settings.device("eval --device", cfg.device)  # a device this machine lacks fails before anything is written
     if rank is None or world is None:
         rank, world = dist_info()
+    if backend is None:  # settings that only a run needs, and its device, before anything is written
+        cfg.check_run()
+        if not cfg.tiny:
+            _device(cfg, rank)
     samples = plan(cfg)  # every prompt filled: nothing is written before the settings hold
     run = Path(cfg.out)
     if cfg.dataset is not None and not Path(cfg.dataset).is_dir():
