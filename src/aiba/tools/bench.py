@@ -956,7 +956,8 @@ def _fmt(v, spec: str) -> str:
 def format_table(result: dict) -> str:
     """The short table printed last."""
     info = result["info"]
-    lines = [f"device: {info['device_name']} ({info['device']}, {info['threads']} threads), {info['dtype']}, "
+    threads = f"{info['threads']} thread{'' if info['threads'] == 1 else 's'}"
+    lines = [f"device: {info['device_name']} ({info['device']}, {threads}), {info['dtype']}, "
              f"batch {info['batch']}, median of {info['reps']} interleaved steady-state forwards (IQR: paired ratios), "
              f"state after {info['steps']} steps; clock: {info.get('clock', '?')}"
              + (f"; load average {info['loadavg'][0]:.1f}" if info.get("loadavg") else ""),
