@@ -140,9 +140,11 @@ class EvalConfig:
         if self.dtype is not None:
             dtype_name("eval --dtype", self.dtype)
         if self.tiny:
-            cpu = self.device is None or str(self.device).split(":")[0] == "cpu"
-            given = [f"--{k} {v}" for k, v, ok in (("device", self.device, cpu), ("dtype", self.dtype, self.dtype in (None, "float32")))
-                     if not ok]
+            given = []
+            if self.device is not None and str(self.device).split(":")[0] != "cpu":
+                given.append(f"--device {self.device}")
+            if self.dtype not in (None, "float32"):
+                given.append(f"--dtype {self.dtype}")
             if given:
                 many = len(given) > 1
                 raise AibaError(f"eval --tiny runs the offline model on the CPU in float32; {', '.join(given)} "

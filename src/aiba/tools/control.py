@@ -409,12 +409,10 @@ def run_from_args(args) -> int:
     from ..runs.config import canonical_class
 
     wanted = {canonical_class(c) for c in args.classes.split(",") if c.strip()}  # unknown names raise
-    classes = tuple(c for c in CLASSES if c in wanted)
-    if not classes:
-        raise AibaError(f"--classes {args.classes!r}: none of {[c.lower() for c in CLASSES]}")
-    given = lambda v, default: default if v is None else v  # noqa: E731  an explicit 0 is checked, not replaced
-    s = ControlSettings(samples_per_class=given(args.samples_per_class, 8), steps=given(args.steps, 10),
-                        guidance_scale=given(args.guidance_scale, 3.0), seed=args.seed, n_boot=args.n_boot)
+    classes = tuple(c for c in CLASSES if c in wanted)  # fewer than two: run_control says so
+    given = {k: getattr(args, k) for k in ("samples_per_class", "steps", "guidance_scale")
+             if getattr(args, k) is not None}  # the rest keep ControlSettings' defaults; an explicit 0 is checked
+    s = ControlSettings(seed=args.seed, n_boot=args.n_boot, **given)
     weights = () if args.tiny else tuple(w.strip() for w in (args.model_id or "seed0").split(","))
     out = args.out or ("runs/reference-untrained" if args.tiny else "runs/reference")
     res = run_control(out, weights=weights, untrained=True, classes=classes, settings=s,

@@ -443,19 +443,19 @@ def _run(args) -> int:
         integer("--prefix-tokens", args.prefix_tokens, lo=0)
     if args.latent_shape and not args.model:
         raise AibaError("--latent-shape applies to --model only")
-    args.latent_shape = _latent(args.latent_shape)  # checked before the factory loads anything
+    latent = _latent(args.latent_shape)  # checked before the factory loads anything
     with contextlib.redirect_stdout(sys.stderr):  # libraries' prints never reach the report (| jq)
-        d = _diagnose_args(args)
+        d = _diagnose_args(args, latent)
     print(json.dumps(d.to_dict(), indent=2) if args.json else format_report(d))
     return 0
 
 
-def _diagnose_args(args):
+def _diagnose_args(args, latent: tuple | None):
     if args.model:
         from ..backends.generic import GenericBackend
 
         model, run = load_factory(args.model)
-        backend = GenericBackend(model, run, latent_shape=args.latent_shape,
+        backend = GenericBackend(model, run, latent_shape=latent,
                                  prefix_tokens=args.prefix_tokens, cfg_order=args.cfg_order, name=f"generic ({args.model})")
     elif args.backend:
         if args.backend == "generic":

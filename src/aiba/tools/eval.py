@@ -301,14 +301,15 @@ def _device(cfg: EvalConfig, rank: int) -> str:
                            device)
 
 
-def _get_backend(cfg: EvalConfig, rank: int):
+def _get_backend(cfg: EvalConfig, device: str | None):
+    """The config's backend: its tiny model, or the real one on ``device`` (see :func:`_device`)."""
     from ..backends import get
 
     if cfg.tiny:
         return get(cfg.backend, tiny=True, seed=cfg.seed)
     import torch
 
-    kw = {"device": _device(cfg, rank)}
+    kw = {"device": device}
     if cfg.model_id:
         kw["model_id"] = cfg.model_id
     if cfg.dtype:
@@ -330,10 +331,11 @@ def run_eval(cfg: EvalConfig, *, rank: int | None = None, world: int | None = No
     cfg = cfg.resolved()
     if rank is None or world is None:
         rank, world = dist_info()
+    device = None
     if backend is None:  # settings that only a run needs, and its device, before anything is written
         cfg.check_run()
         if not cfg.tiny:
-            _device(cfg, rank)
+            device = _device(cfg, rank)
     samples = plan(cfg)  # every prompt filled: nothing is written before the settings hold
     run = Path(cfg.out)
     if cfg.dataset is not None and not Path(cfg.dataset).is_dir():
@@ -346,10 +348,10 @@ def run_eval(cfg: EvalConfig, *, rank: int | None = None, world: int | None = No
     with lock:
         remove_stale_temps(run)
         remove_stale_temps(run / "maps")
-        return _run_locked(cfg, run, samples, rank, world, backend, on_record)
+        return _run_locked(cfg, run, samples, rank, world, backend, on_record, device)
 
 
-def _run_locked(cfg, run: Path, samples, rank: int, world: int, backend, on_record) -> Path:
+def _run_locked(cfg, run: Path, samples, rank: int, world: int, backend, on_record, device: str | None) -> Path:
     if rank != 0:
         _wait_for(run / "manifest.json", "the manifest")
         check_manifest(run, cfg, len(samples), world)
@@ -373,7 +375,7 @@ def _run_locked(cfg, run: Path, samples, rank: int, world: int, backend, on_reco
     todo = [s for s in mine if s.id not in done]
     ctx = None
     if todo:  # the model is loaded (and its streams checked) before the manifest is written
-        ctx = _Ctx(backend or _get_backend(cfg, rank), cfg, run)
+        ctx = _Ctx(backend or _get_backend(cfg, device), cfg, run)
         ctx.streams = _scored_streams(ctx.backend, cfg, todo[0].prompt)
     if rank == 0:
         check_manifest(run, cfg, len(samples), world)
