@@ -145,6 +145,8 @@ def cases(run: str, f: dict) -> list:
          "guidance_scale"),
         ("reference-device-absent", ["eval", "--backend", "reference", "--out", run, "--device", "cuda:7"], INPUT,
          "'cuda:7' is not usable here"),
+        ("reference-no-class", ["eval", "--backend", "reference", "--out", run + "/ref", "--classes", " , "], INPUT,
+         "no class named"),
         ("reference-one-class", ["eval", "--backend", "reference", "--out", run + "/ref", "--classes", "bass"], INPUT,
          "at least two classes"),
         ("reference-device-meta", ["eval", "--backend", "reference", "--out", run + "/ref", "--device", "meta"], INPUT,

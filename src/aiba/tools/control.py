@@ -409,6 +409,8 @@ def run_from_args(args) -> int:
     from ..runs.config import canonical_class
 
     wanted = {canonical_class(c) for c in args.classes.split(",") if c.strip()}  # unknown names raise
+    if not wanted:  # run_control would take every class
+        raise AibaError(f"--classes {args.classes!r}: no class named; give at least two of {[c.lower() for c in CLASSES]}")
     classes = tuple(c for c in CLASSES if c in wanted)  # fewer than two: run_control says so
     given = {k: getattr(args, k) for k in ("samples_per_class", "steps", "guidance_scale")
              if getattr(args, k) is not None}  # the rest keep ControlSettings' defaults; an explicit 0 is checked
